@@ -1,0 +1,37 @@
+# syntax=docker/dockerfile:1
+#
+# Two images from one file, picked with --target:
+#   host     x86-64 CUDA PyTorch image: train, distil and export bundles (`kt-edge`)
+#   runtime  Jetson L4T image: the torch-free device runtime only (`kt-edge-runtime`,
+#            ONNX Runtime and the TensorRT that ships with JetPack)
+#
+#   docker build --target host -t kt-edge .
+#   docker build --target runtime --platform linux/arm64 -t kt-edge-runtime .
+#
+# Base images are build arguments: --build-arg BASE_IMAGE=... (host) and
+# --build-arg RUNTIME_BASE_IMAGE=... (runtime; match the device's JetPack release,
+# JetPack 6 or newer for Python >= 3.10).
+
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:24.08-py3
+ARG RUNTIME_BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0
+
+FROM ${RUNTIME_BASE_IMAGE} AS runtime
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3-pip python3-libnvinfer \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/kt-edge
+COPY export/ export/
+# TensorRT comes from JetPack (python3-libnvinfer), so only cuda-python is added from PyPI.
+RUN python3 -m pip install ./export "cuda-python>=12,<13"
+ENTRYPOINT ["kt-edge-runtime"]
+
+FROM ${BASE_IMAGE} AS host
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+WORKDIR /opt/kt-edge
+COPY export/ export/
+COPY pyproject.toml README.md ./
+COPY kt_edge/ kt_edge/
+COPY recipes/ recipes/
+RUN python -m pip install ./export .
+ENTRYPOINT ["kt-edge"]

@@ -1,0 +1,381 @@
+"""TensorRT engines, built on the device from the bundle's ONNX files, and run with cuda-python.
+
+Engines are not portable across TensorRT versions or GPUs, so each one is
+named after the TensorRT version and compute capability it was built for and
+carries a JSON sidecar; loading it anywhere else is refused. `tensorrt` and
+`cuda-python` are imported only when an engine is built or run.
+
+Precision: TensorRT 8.5-10 is weakly typed, so fp16 sets the FP16 builder flag
+and int8 sets INT8 (+FP16 for the layers left unquantised) and reads the
+scales from the Q/DQ nodes of the int8 ONNX file (no calibrator). TensorRT 11
+removed those flags: networks are strongly typed and the precision comes from
+the ONNX file itself. fp32 clears TF32 so it can meet fp32 parity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..atomic import write_bytes
+from ..bundle import Manifest, load_bundle
+from . import BackendError
+
+ENGINE_DIR = "engines"
+
+
+class TensorRTMissing(BackendError):
+    """TensorRT (or cuda-python) is not installed on this machine."""
+
+
+def import_tensorrt() -> Any:
+    """The tensorrt module, or TensorRTMissing with an install hint."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise TensorRTMissing(
+            "TensorRT is not installed: on Jetson use JetPack's python3-libnvinfer, "
+            "elsewhere pip install 'kt-edge-runtime[tensorrt]'"
+        ) from None
+    return tensorrt
+
+
+def import_cudart() -> Any:
+    """cuda-python's runtime module (new `cuda.bindings` layout first, then the old `cuda.cudart`)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            raise TensorRTMissing("cuda-python is not installed: pip install 'kt-edge-runtime[tensorrt]'") from None
+    return cudart
+
+
+def _cuda(result: Any, what: str) -> Any:
+    """Unpack a cuda-python (err, *values) tuple, raising on any error."""
+    cudart = import_cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        _, msg = cudart.cudaGetErrorString(err)
+        raise BackendError(f"CUDA {what} failed: {msg.decode() if isinstance(msg, bytes) else msg}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an engine is tied to: TensorRT version and GPU compute capability."""
+
+    tensorrt: str
+    compute_capability: tuple[int, int]
+    gpu: str = ""
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+
+def current_target() -> Target:
+    """The TensorRT version installed here and the compute capability of the current GPU."""
+    trt = import_tensorrt()
+    cudart = import_cudart()
+    device = _cuda(cudart.cudaGetDevice(), "cudaGetDevice")
+    props = _cuda(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return Target(tensorrt=trt.__version__, compute_capability=(props.major, props.minor), gpu=name.strip("\x00 "))
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def engine_path(bundle_dir: str | os.PathLike, precision: str, target: Target, dla_core: int | None = None) -> Path:
+    """engines/model.<precision>.trt<version>.sm<major><minor>[.dla<core>].engine inside the bundle."""
+    dla = f".dla{dla_core}" if dla_core is not None else ""
+    return Path(bundle_dir) / ENGINE_DIR / f"model.{precision}.trt{target.tensorrt}.{target.sm}{dla}.engine"
+
+
+def timing_cache_path(bundle_dir: str | os.PathLike, target: Target) -> Path:
+    """One timing cache per TensorRT version and GPU, shared by all precisions of the bundle."""
+    return Path(bundle_dir) / ENGINE_DIR / f"timing.trt{target.tensorrt}.{target.sm}.cache"
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The sidecar written next to each engine: what it was built from and for."""
+
+    precision: str
+    onnx_file: str
+    onnx_sha256: str
+    input_name: str
+    output_name: str
+    tensorrt: str
+    compute_capability: tuple[int, int]
+    gpu: str
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    workspace_mib: int
+    dla_core: int | None
+
+    @classmethod
+    def read(cls, engine: Path) -> EngineInfo:
+        sidecar = engine.with_suffix(".json")
+        if not sidecar.is_file():
+            raise BackendError(f"engine {engine.name} has no sidecar {sidecar.name}: rebuild it with build-engine")
+        data = json.loads(sidecar.read_text())
+        data["compute_capability"] = tuple(data["compute_capability"])
+        return cls(**data)
+
+    def write(self, engine: Path) -> None:
+        write_bytes(engine.with_suffix(".json"), (json.dumps(asdict(self), indent=2) + "\n").encode())
+
+
+def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
+
+
+def build_engine(
+    bundle_dir: str | os.PathLike,
+    precision: str,
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 32,
+    workspace_mib: int = 1024,
+    dla_core: int | None = None,
+) -> Path:
+    """Build (or rebuild) the engine for one precision from the bundle's verified ONNX file.
+
+    The timing cache in the bundle's engines/ folder is read before and saved
+    after the build, so later builds on the same device are fast.
+    """
+    _check_batches(min_batch, opt_batch, max_batch)
+    if dla_core is not None and precision == "fp32":
+        raise ValueError("DLA runs fp16 or int8 only: pick --precision fp16 or int8 with --dla-core")
+    manifest = load_bundle(bundle_dir)
+    entry = manifest.model(precision)
+    onnx_path = Path(bundle_dir) / entry.file
+    trt = import_tensorrt()
+    target = current_target()
+    major = _major(trt.__version__)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    # EXPLICIT_BATCH is required before TensorRT 10 and the default (deprecated flag) from 10 on.
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT cannot parse {entry.file}: {errors}")
+
+    config = builder.create_builder_config()
+    if hasattr(config, "set_memory_pool_limit"):
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    else:
+        config.max_workspace_size = workspace_mib << 20
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    elif major < 11:
+        config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+
+    if dla_core is not None:
+        if dla_core >= builder.num_DLA_cores:
+            raise BackendError(f"DLA core {dla_core} requested but this device has {builder.num_DLA_cores}")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+
+    c, h, w = manifest.input.shape
+    profile = builder.create_optimization_profile()
+    profile.set_shape(entry.input_name, (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
+    config.add_optimization_profile(profile)
+
+    cache_file = timing_cache_path(bundle_dir, target)
+    cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"TensorRT failed to build a {precision} engine from {entry.file} (see the log above)")
+    path = engine_path(bundle_dir, precision, target, dla_core)
+    write_bytes(path, bytes(serialized))
+    write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
+    EngineInfo(
+        precision=precision,
+        onnx_file=entry.file,
+        onnx_sha256=manifest.files[entry.file].sha256,
+        input_name=entry.input_name,
+        output_name=entry.output_name,
+        tensorrt=target.tensorrt,
+        compute_capability=target.compute_capability,
+        gpu=target.gpu,
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        workspace_mib=workspace_mib,
+        dla_core=dla_core,
+    ).write(path)
+    return path
+
+
+def find_engine(bundle_dir: str | os.PathLike, manifest: Manifest, precision: str, dla_core: int | None = None) -> Path:
+    """The engine for this precision built for this very TensorRT and GPU, or a BackendError saying why not."""
+    target = current_target()
+    path = engine_path(bundle_dir, precision, target, dla_core)
+    if not path.is_file():
+        others = sorted(p.name for p in (Path(bundle_dir) / ENGINE_DIR).glob(f"model.{precision}.*.engine"))
+        hint = f" (found engines for other TensorRT versions or GPUs: {', '.join(others)})" if others else ""
+        raise BackendError(
+            f"no {precision} engine for TensorRT {target.tensorrt} on {target.sm}{hint}: "
+            f"run `kt-edge-runtime build-engine {bundle_dir} --precision {precision}`"
+        )
+    info = EngineInfo.read(path)
+    entry = manifest.model(precision)
+    if info.onnx_sha256 != manifest.files[entry.file].sha256:
+        raise BackendError(f"engine {path.name} was built from another {entry.file}: rebuild it with build-engine")
+    return path
+
+
+class TrtBackend:
+    """Runs a serialized engine: host -> device copy, execute_async_v3, device -> host copy."""
+
+    def __init__(self, engine_file: str | os.PathLike) -> None:
+        self.path = Path(engine_file)
+        self.info = EngineInfo.read(self.path)
+        trt = import_tensorrt()
+        cudart = import_cudart()
+        target = current_target()
+        if (self.info.tensorrt, self.info.compute_capability) != (target.tensorrt, target.compute_capability):
+            built = f"TensorRT {self.info.tensorrt} on sm{''.join(map(str, self.info.compute_capability))}"
+            raise BackendError(
+                f"engine {self.path.name} was built for {built}; this device has TensorRT {target.tensorrt} "
+                f"on {target.sm}: rebuild it here with build-engine"
+            )
+        self._cudart = cudart
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise BackendError(f"TensorRT cannot deserialize {self.path.name}: rebuild it with build-engine")
+        self.context = self.engine.create_execution_context()
+        self.input_name, self.output_name = self.info.input_name, self.info.output_name
+        self.min_batch, self.max_batch = self.info.min_batch, self.info.max_batch
+        if self.engine.get_tensor_dtype(self.input_name) != trt.float32:
+            raise BackendError(f"engine {self.path.name} input {self.input_name} is not float32")
+        self._out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        self._stream = _cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._in_ptr = self._out_ptr = None
+        self._capacity = 0
+        self._out_bytes = 0
+
+    def _ensure_buffers(self, in_bytes: int, out_bytes: int) -> None:
+        cudart = self._cudart
+        if in_bytes > self._capacity:
+            if self._in_ptr is not None:
+                _cuda(cudart.cudaFree(self._in_ptr), "cudaFree")
+            self._in_ptr = _cuda(cudart.cudaMalloc(in_bytes), "cudaMalloc")
+            self._capacity = in_bytes
+        if out_bytes > self._out_bytes:
+            if self._out_ptr is not None:
+                _cuda(cudart.cudaFree(self._out_ptr), "cudaFree")
+            self._out_ptr = _cuda(cudart.cudaMalloc(out_bytes), "cudaMalloc")
+            self._out_bytes = out_bytes
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        if batch.ndim != 4 or not self.info.min_batch <= n <= self.info.max_batch:
+            raise ValueError(
+                f"engine {self.path.name} takes [N, 3, H, W] with {self.info.min_batch} <= N <= "
+                f"{self.info.max_batch}, got shape {batch.shape}"
+            )
+        cudart = self._cudart
+        host_in = np.ascontiguousarray(batch, dtype=np.float32)
+        if not self.context.set_input_shape(self.input_name, host_in.shape):
+            raise BackendError(f"engine {self.path.name} rejects input shape {host_in.shape}")
+        host_out = np.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self._out_dtype)
+        self._ensure_buffers(host_in.nbytes, host_out.nbytes)
+        self.context.set_tensor_address(self.input_name, int(self._in_ptr))
+        self.context.set_tensor_address(self.output_name, int(self._out_ptr))
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _cuda(cudart.cudaMemcpyAsync(self._in_ptr, host_in.ctypes.data, host_in.nbytes, h2d, self._stream), "copy in")
+        if not self.context.execute_async_v3(int(self._stream)):
+            raise BackendError(f"TensorRT execution of {self.path.name} failed")
+        _cuda(
+            cudart.cudaMemcpyAsync(host_out.ctypes.data, self._out_ptr, host_out.nbytes, d2h, self._stream), "copy out"
+        )
+        _cuda(cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        return host_out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Free device memory and the stream; the backend is unusable afterwards."""
+        cudart = getattr(self, "_cudart", None)
+        if cudart is None:
+            return
+        for ptr in (self._in_ptr, self._out_ptr):
+            if ptr is not None:
+                cudart.cudaFree(ptr)
+        cudart.cudaStreamDestroy(self._stream)
+        self._in_ptr = self._out_ptr = None
+        self._cudart = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def trtexec_command(
+    bundle_dir: str | os.PathLike,
+    precision: str,
+    min_batch: int = 1,
+    opt_batch: int = 8,
+    max_batch: int = 32,
+    workspace_mib: int = 1024,
+    dla_core: int | None = None,
+    target: Target | None = None,
+) -> str:
+    """The trtexec command line that builds the same engine as build_engine.
+
+    target defaults to this machine's TensorRT and GPU; pass one to print the
+    command for another device.
+    """
+    _check_batches(min_batch, opt_batch, max_batch)
+    if dla_core is not None and precision == "fp32":
+        raise ValueError("DLA runs fp16 or int8 only: pick --precision fp16 or int8 with --dla-core")
+    manifest = load_bundle(bundle_dir)
+    entry = manifest.model(precision)
+    target = target or current_target()
+    major_minor = tuple(int(p) for p in target.tensorrt.split(".")[:2])
+    c, h, w = manifest.input.shape
+
+    def shape(n: int) -> str:
+        return f"{entry.input_name}:{n}x{c}x{h}x{w}"
+
+    args = [
+        "trtexec",
+        f"--onnx={Path(bundle_dir) / entry.file}",
+        f"--saveEngine={engine_path(bundle_dir, precision, target, dla_core)}",
+        f"--minShapes={shape(min_batch)}",
+        f"--optShapes={shape(opt_batch)}",
+        f"--maxShapes={shape(max_batch)}",
+        f"--memPoolSize=workspace:{workspace_mib}",
+        f"--timingCacheFile={timing_cache_path(bundle_dir, target)}",
+    ]
+    if precision == "fp32":
+        args.append("--noTF32")
+    elif major_minor[0] < 11:
+        args += ["--fp16"] if precision == "fp16" else ["--int8", "--fp16"]
+    if dla_core is not None:
+        args += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
+    args.append("--skipInference" if major_minor >= (8, 6) else "--buildOnly")
+    return " ".join(shlex.quote(a) for a in args)

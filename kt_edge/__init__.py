@@ -1,0 +1,1 @@
+"""kt-edge: distil a self-supervised teacher into a small student and ship it to NVIDIA Jetson."""

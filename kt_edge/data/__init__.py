@@ -1,0 +1,1 @@
+"""Images in, tensors out: sources on disk, the shipped sample, and augmentations."""

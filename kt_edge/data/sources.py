@@ -1,0 +1,193 @@
+"""Datasets from disk: ImageFolder trees (labelled), flat folders (unlabelled), CIFAR-10 pickles.
+
+Corrupt or non-image files are found when the source is opened, skipped and counted in one
+warning (or refused in strict mode), so an epoch never dies on a bad file.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from kt_edge.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+UNLABELLED = -1
+
+
+class Images(torch.utils.data.Dataset):
+    """A list of images with optional labels; ``transform`` turns a PIL RGB image into model input."""
+
+    def __init__(self, labels: np.ndarray, classes: list[str], name: str):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = classes
+        self.name = name
+        self.transform: Callable | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels >= 0).all())
+
+    def image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        image = self.image(index)
+        return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+    def with_transform(self, transform: Callable) -> "Images":
+        """A shallow copy with another transform (the underlying files are shared)."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.transform = transform
+        return clone
+
+
+class FileImages(Images):
+    def __init__(self, paths: list[Path], labels, classes, name):
+        super().__init__(labels, classes, name)
+        self.paths = paths
+
+    def image(self, index: int) -> Image.Image:
+        return load_rgb(self.paths[index])
+
+
+class ArrayImages(Images):
+    """Images already decoded into a uint8 array [N, H, W, 3] (CIFAR pickles)."""
+
+    def __init__(self, array: np.ndarray, labels, classes, name):
+        super().__init__(labels, classes, name)
+        self.array = array
+
+    def image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.array[index])
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode any PIL-readable file to 8-bit RGB (grayscale, palette, alpha, CMYK and 16-bit included)."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64)
+            peak = 65535.0 if array.max() > 255 else 255.0
+            image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+
+
+@dataclass
+class Scan:
+    paths: list[Path]
+    labels: list[int]
+    bad: list[tuple[Path, str]]
+
+
+def _check(path: Path) -> str | None:
+    """Why the file is not a usable image, or None. Decodes fully: truncation only shows there."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        load_rgb(path)
+    except Image.DecompressionBombError as exc:
+        return f"too large ({exc})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"not a readable image ({exc.__class__.__name__})"
+    return None
+
+
+def _scan(files: list[tuple[Path, int]], strict: bool) -> Scan:
+    scan = Scan([], [], [])
+    for path, label in files:
+        problem = _check(path)
+        if problem is None:
+            scan.paths.append(path)
+            scan.labels.append(label)
+            continue
+        if strict:
+            raise DataError(f"{path}: {problem} (strict mode; drop `strict` to skip bad files)")
+        scan.bad.append((path, problem))
+    return scan
+
+
+def _files_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def detect_format(path: Path) -> str:
+    if (path / "data_batch_1").exists() or (path / "cifar-10-batches-py").exists():
+        return "cifar10"
+    if any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        return "imagefolder"
+    return "folder"
+
+
+def open_images(path: Path | str, format: str = "auto", split: str = "train", subset: int | None = None,
+                seed: int = 0, strict: bool = False) -> Images:
+    """Open one split. ``subset`` keeps a seeded random sample of that many images."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"data folder not found: {path}")
+    format = detect_format(path) if format == "auto" else format
+    if format == "cifar10":
+        dataset = _open_cifar10(path, split)
+    else:
+        if format == "imagefolder":
+            classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not classes:
+                raise DataError(f"{path}: no class folders (expected <class>/<image> for an ImageFolder tree)")
+            files = [(f, label) for label, name in enumerate(classes) for f in _files_in(path / name)]
+        else:
+            classes = []
+            files = [(f, UNLABELLED) for f in _files_in(path)]
+        if subset is not None and subset < len(files):
+            # Subset before the scan so opening a big folder for a small run stays fast.
+            keep = np.sort(np.random.default_rng(seed).choice(len(files), subset, replace=False))
+            files = [files[i] for i in keep]
+            subset = None
+        scan = _scan(files, strict)
+        if scan.bad:
+            examples = ", ".join(f"{p.name} ({why})" for p, why in scan.bad[:3])
+            warnings.warn(f"{path}: skipped {len(scan.bad)} unreadable file(s) of {len(files)}: {examples}",
+                          stacklevel=2)
+        dataset = FileImages(scan.paths, scan.labels, classes, name=str(path))
+    if len(dataset) == 0:
+        raise DataError(f"{path}: no images found")
+    if subset is not None and subset < len(dataset):
+        keep = np.sort(np.random.default_rng(seed).choice(len(dataset), subset, replace=False))
+        dataset = _take(dataset, keep)
+    return dataset
+
+
+def _take(dataset: ArrayImages, keep: np.ndarray) -> ArrayImages:
+    return ArrayImages(dataset.array[keep], dataset.labels[keep], dataset.classes, dataset.name)
+
+
+def _open_cifar10(path: Path, split: str) -> ArrayImages:
+    from torchvision.datasets import CIFAR10
+
+    root = path.parent if (path / "data_batch_1").exists() else path
+    try:
+        cifar = CIFAR10(str(root), train=split == "train", download=False)
+    except RuntimeError as exc:
+        raise DataError(f"{path}: not a CIFAR-10 python folder ({exc})") from None
+    return ArrayImages(cifar.data, np.asarray(cifar.targets), list(cifar.classes), name=f"{path}:{split}")
+
+
+def open_source(source, seed: int = 0) -> Images:
+    """Open a recipe ``DataSource``."""
+    return open_images(source.path, source.format, source.split, source.subset, seed, source.strict)

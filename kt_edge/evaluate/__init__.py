@@ -1,0 +1,1 @@
+"""Evaluation protocols for frozen embeddings: k-NN, linear probes, cluster alignment."""

@@ -1,0 +1,77 @@
+"""Cluster alignment: how well k-means clusters of features match the true classes.
+
+Reported as Hungarian accuracy (best one-to-one cluster -> class matching),
+NMI and ARI, the usual trio for self-supervised features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+
+
+def _check(pred: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    if pred.ndim != 1 or pred.shape != labels.shape or len(pred) == 0:
+        raise ValueError(f"pred and labels must be equal-length non-empty 1-D arrays, got {pred.shape}, {labels.shape}")
+    return pred, labels
+
+
+def hungarian_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of points whose cluster maps to their class under the best one-to-one matching.
+
+    With more clusters than classes the unmatched clusters count as wrong (and vice
+    versa), so over-clustering is not rewarded.
+    """
+    pred, labels = _check(pred, labels)
+    counts = contingency_matrix(labels, pred)  # [classes, clusters]
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / len(pred))
+
+
+def nmi(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Normalised mutual information (arithmetic mean normalisation, sklearn's default)."""
+    pred, labels = _check(pred, labels)
+    return float(normalized_mutual_info_score(labels, pred))
+
+
+def ari(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Adjusted Rand index: 0 for chance, 1 for identical partitions."""
+    pred, labels = _check(pred, labels)
+    return float(adjusted_rand_score(labels, pred))
+
+
+def cluster_alignment(
+    features: np.ndarray,
+    labels: np.ndarray,
+    k: int | None = None,
+    seed: int = 0,
+    niter: int = 20,
+    normalize: bool = True,
+) -> dict:
+    """k-means (K = number of classes by default) on L2-normalised features, scored against labels >= 0."""
+    # imported here: transfer.cluster imports this module for its report
+    from kt_edge.transfer.cluster import Preprocessing, assign, fit_kmeans
+
+    features, labels = np.asarray(features), np.asarray(labels)
+    if features.ndim != 2 or len(features) != len(labels):
+        raise ValueError(f"features [N, D] and labels [N] must match, got {features.shape} and {labels.shape}")
+    known = labels >= 0
+    if not known.any():
+        raise ValueError("cluster alignment needs labelled points (labels >= 0), got none")
+    features, labels = features[known], labels[known]
+    k = len(np.unique(labels)) if k is None else k
+    prep = Preprocessing(normalize=normalize)
+    x = prep(features)
+    result = fit_kmeans(x, k, niter=niter, seed=seed)
+    pred, _ = assign(x, result.centroids)
+    return {
+        "accuracy": hungarian_accuracy(pred, labels),
+        "nmi": nmi(pred, labels),
+        "ari": ari(pred, labels),
+        "k": k,
+        "n": int(len(labels)),
+        "seed": seed,
+    }

@@ -1,0 +1,214 @@
+"""Score a model's frozen embeddings with every protocol a recipe asks for, embedding each split once.
+
+Protocols (``eval.protocols``) and the metrics they add, accuracies in percent:
+
+- ``knn``: weighted k-NN per ``eval.knn`` setting -> ``knn_k200_t0.1``, ...
+- ``linear``: linear probe on all bank labels -> ``linear_top1``, ``linear_top5``
+- ``linear_<P>pct``: probe on a class-balanced P% of the bank labels -> ``linear_<P>pct_top1``, ``..._top5``
+- ``clusters``: k-means of the scored split, K = its class count -> ``cluster_acc`` (%),
+  ``cluster_nmi`` and ``cluster_ari`` (0..1)
+
+The bank (a train split) builds the k-NN index and fits the probes; the test split is scored.
+Transfer runs the same protocols on a labelled dataset not used for training, prefixing ``transfer_``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import zip_longest
+
+import numpy as np
+import torch
+
+from kt_edge.data.augment import eval_transform
+from kt_edge.data.sources import Images, open_source
+from kt_edge.errors import DataError
+from kt_edge.evaluate.clusters import cluster_alignment
+from kt_edge.evaluate.knn import KnnSetting, knn_classify
+from kt_edge.evaluate.linear import WEIGHT_DECAYS, few_label_probe, linear_probe
+from kt_edge.features import embed, resolve_device
+
+_PROTOCOL = re.compile(r"knn|linear|clusters|linear_(\d+(?:\.\d+)?)pct")
+TRANSFER_PREFIX = "transfer_"
+
+
+def check_protocols(protocols: list[str]) -> None:
+    """Raise ValueError naming the first unknown, out-of-range or repeated protocol."""
+    for protocol in protocols:
+        match = _PROTOCOL.fullmatch(protocol)
+        if match is None:
+            raise ValueError(f"unknown eval protocol {protocol!r}: use knn, linear, clusters or linear_<P>pct")
+        if match.group(1) is not None and not 0 < float(match.group(1)) <= 100:
+            raise ValueError(f"eval protocol {protocol!r}: the label percentage must be in (0, 100]")
+    repeated = sorted({p for p in protocols if protocols.count(p) > 1})
+    if repeated:
+        raise ValueError(f"eval protocol {repeated[0]!r} is listed twice")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metrics of one model, plus what a report draws: the first k-NN setting's predictions and a map sample."""
+
+    metrics: dict[str, float]
+    test_labels: np.ndarray
+    knn_predictions: np.ndarray | None  # first eval.knn setting on the scored split; None without 'knn'
+    map_features: np.ndarray | None  # seeded sample of scored-split features for a 2-D map
+    map_labels: np.ndarray | None
+
+
+def knn_settings(cfg) -> tuple[KnnSetting, ...]:
+    """The recipe's k-NN settings, in recipe order (the first is the headline one)."""
+    return tuple(KnnSetting(s.k, s.t) for s in cfg.knn)
+
+
+def _needs_bank(protocols: list[str]) -> bool:
+    return any(p != "clusters" for p in protocols)
+
+
+def _check_sizes(cfg, bank_size: int) -> None:
+    """Refuse a k-NN setting the bank cannot fill before anything is embedded."""
+    if "knn" in cfg.protocols:
+        largest = max(s.k for s in cfg.knn)
+        if largest > bank_size:
+            raise DataError(f"eval.knn k={largest} exceeds the {bank_size} images of the k-NN bank")
+
+
+def run_protocols(
+    bank_x: np.ndarray | None,
+    bank_y: np.ndarray | None,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    cfg,
+    seed: int = 0,
+    device: str = "cpu",
+    num_classes: int | None = None,
+    map_points: int = 0,
+) -> Evaluation:
+    """Every protocol of ``cfg`` (an EvalConfig) on features already computed; input problems raise DataError."""
+    test_y = np.asarray(test_y)
+    if test_y.size == 0 or test_y.min() < 0:
+        raise DataError("evaluation needs a non-empty labelled test split (every label >= 0)")
+    if _needs_bank(cfg.protocols):
+        if bank_y is None or len(bank_y) == 0 or np.asarray(bank_y).min() < 0:
+            raise DataError("evaluation needs a non-empty labelled bank split (every label >= 0)")
+        _check_sizes(cfg, len(bank_y))
+    probe = {
+        "normalize": cfg.linear.normalize,
+        "weight_decay": WEIGHT_DECAYS if cfg.linear.weight_decay is None else cfg.linear.weight_decay,
+        "max_iter": cfg.linear.max_iter,
+        "device": device,
+    }
+    if num_classes is None and bank_y is not None:
+        num_classes = int(max(np.max(bank_y), test_y.max())) + 1
+    metrics: dict[str, float] = {}
+    predictions = None
+    for protocol in cfg.protocols:
+        try:
+            if protocol == "knn":
+                settings = knn_settings(cfg)
+                preds = knn_classify(bank_x, bank_y, test_x, settings, num_classes)
+                metrics.update({s.name: float((preds[s] == test_y).mean() * 100.0) for s in settings})
+                predictions = preds[settings[0]]
+            elif protocol == "linear":
+                result = linear_probe(bank_x, bank_y, test_x, test_y, num_classes=num_classes, seed=seed, **probe)
+                metrics.update(linear_top1=result.top1, linear_top5=result.top5)
+            elif protocol == "clusters":
+                aligned = cluster_alignment(test_x, test_y, seed=seed)
+                metrics.update(cluster_acc=aligned["accuracy"] * 100.0, cluster_nmi=aligned["nmi"],
+                               cluster_ari=aligned["ari"])
+            else:
+                fraction = float(_PROTOCOL.fullmatch(protocol).group(1)) / 100.0
+                result = few_label_probe(bank_x, bank_y, test_x, test_y, fraction, seed,
+                                         num_classes=num_classes, **probe)
+                metrics.update({f"{protocol}_top1": result.top1, f"{protocol}_top5": result.top5})
+        except ValueError as exc:
+            raise DataError(f"eval protocol {protocol}: {exc}") from None
+    map_features = map_labels = None
+    if map_points > 0:
+        keep = np.arange(len(test_y))
+        if len(keep) > map_points:
+            keep = np.sort(np.random.default_rng(seed).choice(len(keep), map_points, replace=False))
+        map_features, map_labels = np.asarray(test_x)[keep], test_y[keep]
+    return Evaluation(metrics, test_y, predictions, map_features, map_labels)
+
+
+def _classes(dataset) -> list[str] | None:
+    return getattr(dataset, "classes", None)
+
+
+def _first_difference(a: list[str], b: list[str]) -> str:
+    """'class 3 is 'cat' vs 'dog'' for the first position where two differing class lists disagree."""
+    return next(f"class {i} is {x!r} vs {y!r}" for i, (x, y) in enumerate(zip_longest(a, b)) if x != y)
+
+
+def evaluate_model_detailed(
+    model: torch.nn.Module,
+    bank_set,
+    test_set,
+    cfg,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+    map_points: int = 0,
+) -> Evaluation:
+    """Embed the bank (when a protocol needs it) and the test split once, then run every protocol of ``cfg``."""
+    bank_classes, test_classes = _classes(bank_set), _classes(test_set)
+    if bank_classes is not None and test_classes is not None and bank_classes != test_classes:
+        raise DataError(f"classes differ between the bank ({len(bank_classes)} classes) and the test split "
+                        f"({len(test_classes)} classes): {_first_difference(bank_classes, test_classes)}")
+    needs_bank = _needs_bank(cfg.protocols)
+    if needs_bank:
+        _check_sizes(cfg, len(bank_set))
+    device = resolve_device(device)
+    bank_x = bank_y = None
+    if needs_bank:
+        bank_x, bank_y = embed(model, bank_set, device=device, workers=workers, progress=False)
+    test_x, test_y = embed(model, test_set, device=device, workers=workers, progress=False)
+    num_classes = len(test_classes) if test_classes else None
+    return run_protocols(bank_x, bank_y, test_x, test_y, cfg, seed, str(device), num_classes, map_points)
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    bank_set,
+    test_set,
+    cfg,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+) -> dict[str, float]:
+    """Flat metrics of one model, e.g. {'knn_k200_t0.1': 81.2, 'linear_top1': 84.0, 'cluster_nmi': 0.41}."""
+    return evaluate_model_detailed(model, bank_set, test_set, cfg, seed, device, workers).metrics
+
+
+def labelled_pair(train_source, test_source, image_size: int, seed: int = 0) -> tuple[Images, Images]:
+    """Open a (bank, scored) pair of recipe DataSources: both labelled, same classes, eval transform applied."""
+    train_set, test_set = open_source(train_source, seed), open_source(test_source, seed)
+    for split in (train_set, test_set):
+        if not split.labelled:
+            raise DataError(f"{split.name}: evaluation needs labels (an ImageFolder tree or CIFAR-10 pickles)")
+    if train_set.classes != test_set.classes:
+        raise DataError(f"classes differ between {train_set.name} and {test_set.name}: "
+                        f"{_first_difference(train_set.classes, test_set.classes)}")
+    transform = eval_transform(image_size)
+    return train_set.with_transform(transform), test_set.with_transform(transform)
+
+
+def evaluate_transfer(
+    model: torch.nn.Module,
+    cfg,
+    image_size: int,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+) -> dict[str, float]:
+    """The same protocols on ``cfg.transfer`` (train = bank, test = scored), metric names prefixed 'transfer_'.
+
+    Empty when the recipe sets no transfer dataset.
+    """
+    if cfg.transfer is None:
+        return {}
+    bank_set, test_set = labelled_pair(cfg.transfer.train, cfg.transfer.test, image_size, seed)
+    metrics = evaluate_model(model, bank_set, test_set, cfg, seed, device, workers)
+    return {TRANSFER_PREFIX + name: value for name, value in metrics.items()}

@@ -1,0 +1,146 @@
+"""Assemble a device bundle and prove it matches PyTorch before calling it verified.
+
+For each precision: golden parity (the bundle's golden inputs through ONNX Runtime against the
+PyTorch fp32 outputs) and accuracy parity (k-NN top-1 of the exported model against PyTorch's
+on the labelled split). The checks are ``kt_edge_runtime``'s own, so the device runs the same.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+from kt_edge_runtime.backends.onnxruntime import OrtBackend
+from kt_edge_runtime.bundle import Golden, InputSpec, Manifest, ModelEntry, OutputSpec, Parity, write_manifest
+from kt_edge_runtime.parity import Thresholds, accuracy_parity, golden_parity, knn_top1
+from rich.progress import Progress
+
+from kt_edge.errors import KtEdgeError
+from kt_edge.export.onnx import INPUT_NAME, OUTPUT_NAME, export_fp32
+from kt_edge.models.checkpoint import load_backbone
+
+KNN_K, KNN_T = 200, 0.1
+
+
+class ParityError(KtEdgeError):
+    """An exported model does not match PyTorch: the bundle is written but not marked verified."""
+
+
+def _thresholds(cfg) -> dict[str, Thresholds]:
+    return {
+        "fp32": Thresholds(min_cosine=cfg.min_cosine_fp32, rtol=cfg.rtol, atol=cfg.atol, max_top1_drop=cfg.max_knn_drop),
+        "fp16": Thresholds(min_cosine=cfg.min_cosine_fp16, max_top1_drop=cfg.max_knn_drop),
+        "int8": Thresholds(min_cosine=cfg.min_cosine_int8, max_top1_drop=cfg.max_knn_drop),
+    }
+
+
+def _pick(n: int, count: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, min(count, n), replace=False))
+
+
+def _stack(dataset, indices) -> tuple[np.ndarray, np.ndarray]:
+    items = [dataset[int(i)] for i in indices]
+    return torch.stack([x for x, _ in items]).numpy(), np.array([y for _, y in items])
+
+
+def _features(dataset, runners: dict, batch_size: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Embed a split once, batch by batch, with every runner (PyTorch and each ONNX file) side by side."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = {name: [] for name in runners}
+    labels = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"parity on {len(dataset)} images", total=len(dataset))
+        for images, y in loader:
+            batch = images.numpy()
+            for name, run in runners.items():
+                out[name].append(run(batch))
+            labels.append(y.numpy())
+            progress.advance(task, len(batch))
+    y = np.concatenate(labels)
+    return {name: (np.concatenate(chunks), y) for name, chunks in out.items()}
+
+
+def _version() -> str:
+    try:
+        return version("kt-edge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, seed: int,
+                 provenance: dict) -> dict:
+    """Write the bundle, check every precision, and raise ParityError naming the worst sample on failure."""
+    bundle_dir = Path(bundle_dir)
+    (bundle_dir / "golden").mkdir(parents=True, exist_ok=True)
+    model, card = load_backbone(student_dir)
+    model = model.cpu().eval()
+    size = card["image_size"]
+
+    golden_x, _ = _stack(test_set, _pick(len(test_set), cfg.golden, seed))
+    with torch.no_grad():
+        golden_y = model(torch.from_numpy(golden_x)).numpy()
+    np.save(bundle_dir / "golden" / "inputs.npy", golden_x.astype(np.float32))
+    np.save(bundle_dir / "golden" / "outputs.npy", golden_y.astype(np.float32))
+
+    files = {"fp32": bundle_dir / "model.fp32.onnx"}
+    export_fp32(model, files["fp32"], size, cfg.opset)
+    calibration = None
+    if "fp16" in cfg.precisions:
+        from kt_edge.export.quantize import to_fp16
+
+        files["fp16"] = bundle_dir / "model.fp16.onnx"
+        to_fp16(files["fp32"], files["fp16"])
+    if "int8" in cfg.precisions:
+        from kt_edge.export.quantize import to_int8
+
+        calib_x, _ = _stack(train_set, _pick(len(train_set), cfg.calibration, seed + 1))
+        calibration = "calibration.npy"
+        np.save(bundle_dir / calibration, calib_x.astype(np.float32))
+        files["int8"] = bundle_dir / "model.int8.onnx"
+        to_int8(files["fp32"], files["int8"], calib_x)
+
+    backends = {p: OrtBackend(f) for p, f in files.items()}
+    thresholds = _thresholds(cfg)
+    results, failures = {}, []
+    for precision, backend in backends.items():
+        report = golden_parity(golden_y, backend.run(golden_x), precision, thresholds[precision])
+        results[precision] = {"golden": report.to_dict()}
+        if not report.passed:
+            failures.append(f"{files[precision].name}: {report.summary()}")
+
+    def torch_run(batch):
+        with torch.no_grad():
+            return model(torch.from_numpy(batch)).numpy()
+
+    runners = {"pytorch": torch_run, **{p: b.run for p, b in backends.items()}}
+    bank, test = _features(train_set, runners), _features(test_set, runners)
+    reference = knn_top1(*bank["pytorch"], *test["pytorch"], k=KNN_K, t=KNN_T)
+    for precision in backends:
+        acc = accuracy_parity(reference, knn_top1(*bank[precision], *test[precision], k=KNN_K, t=KNN_T),
+                              thresholds[precision].max_top1_drop)
+        results[precision]["accuracy"] = {**acc.to_dict(), "k": KNN_K, "t": KNN_T, "split": test_set.name}
+        results[precision]["passed"] = results[precision]["golden"]["passed"] and acc.passed
+        if not acc.passed:
+            failures.append(f"{files[precision].name}: {acc.summary()}")
+
+    manifest = Manifest(
+        architecture=card["arch"],
+        input=InputSpec(shape=(3, size, size), resize=card["resize"], crop=card["crop"],
+                        mean=tuple(card["mean"]), std=tuple(card["std"])),
+        output=OutputSpec(name=OUTPUT_NAME, dim=card["embed_dim"], normalized=False),
+        models={p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME) for p, f in files.items()},
+        golden=Golden(inputs="golden/inputs.npy", outputs="golden/outputs.npy"),
+        calibration=calibration,
+        parity=Parity(thresholds={p: thresholds[p] for p in files}, results=results),
+        provenance=provenance,
+        verified=not failures,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        kt_edge_version=_version(),
+    )
+    write_manifest(bundle_dir, manifest)
+    if failures:
+        raise ParityError(f"export parity failed, bundle {bundle_dir} not verified: " + " | ".join(failures))
+    return {"bundle": str(bundle_dir), "results": results}

@@ -1,0 +1,248 @@
+"""Recipes: the one YAML file that says what a run does, validated before any compute.
+
+Every section is a strict pydantic model (unknown keys are errors).  Method-specific options live
+in the method's own ``Options`` model and are validated here through the method registries, so a
+new method needs no change to this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kt_edge.errors import RecipeError
+
+
+def _validate_options(section: str, method: str, options: dict, registry: dict) -> dict:
+    if method not in registry:
+        raise ValueError(f"unknown {section}.method {method!r}; choose from {', '.join(sorted(registry))}")
+    try:
+        return registry[method].Options(**options).model_dump(mode="json")
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc, prefix=f"{section}.options")) from None
+
+
+def _first_error(exc: ValidationError, prefix: str = "") -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in (prefix, *err["loc"]) if part != "")
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    if err["type"] == "missing":
+        return f"missing key {where!r}"
+    if err["type"] == "value_error":  # raised by our own validators: their message is already complete
+        return str(err["ctx"]["error"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(Strict):
+    """One split of images on disk."""
+
+    path: Path
+    format: Literal["auto", "imagefolder", "folder", "cifar10"] = "auto"
+    split: Literal["train", "test"] = "train"  # which CIFAR-10 pickle split, for format cifar10
+    subset: int | None = Field(default=None, gt=0, description="seeded random subset of this many images")
+    strict: bool = False  # refuse corrupt images instead of skipping them
+
+
+class DataConfig(Strict):
+    train: DataSource
+    test: DataSource | None = None  # labelled split for evaluation; the k-NN bank is `train`
+    image_size: int = Field(default=32, ge=16, le=512)
+    workers: int = Field(default=2, ge=0)
+
+
+class TrainConfig(Strict):
+    """Budget and optimiser of one training stage; shared by teachers and students."""
+
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps")
+    batch_size: int = Field(default=256, ge=2)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.06, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    checkpoint_every: int = Field(default=100, ge=1, description="steps between resume points")
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+
+
+class TeacherConfig(Strict):
+    arch: Literal["resnet18", "resnet50", "alexnet"] = "resnet50"
+    method: str = "moco"
+    checkpoint: Path | None = None  # import instead of training
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=200, lr=0.06))
+    options: dict[str, Any] = Field(default_factory=dict, description="method options, see `kt-edge methods`")
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "TeacherConfig":
+        from kt_edge.teachers import TEACHERS
+
+        self.options = _validate_options("teacher", self.method, self.options, TEACHERS)
+        return self
+
+
+class DistillConfig(Strict):
+    student: Literal["resnet18", "alexnet"] = "resnet18"
+    method: str = "seed"
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=200, lr=0.03))
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> "DistillConfig":
+        from kt_edge.transfer import DISTILLERS
+
+        self.options = _validate_options("distill", self.method, self.options, DISTILLERS)
+        return self
+
+
+class KnnConfig(Strict):
+    """One weighted k-NN setting: k neighbours, each voting exp(cosine / t)."""
+
+    k: int = Field(default=200, ge=1)
+    t: float = Field(default=0.1, gt=0)
+
+
+class EvalConfig(Strict):
+    """How frozen embeddings are scored: which protocols, their options, and an optional transfer dataset."""
+
+    class Linear(Strict):
+        normalize: bool = True  # L2-normalise, then standardise with the train split's statistics (CompRess)
+        weight_decay: float | None = Field(default=None, ge=0, description="fixed value; unset: pick from a grid")
+        max_iter: int = Field(default=1000, ge=1, description="L-BFGS iterations per fit")
+
+    class Transfer(Strict):
+        """A labelled dataset not used for training: train builds the k-NN bank and fits probes, test is scored."""
+
+        train: DataSource
+        test: DataSource
+
+    protocols: list[str] = Field(
+        default_factory=lambda: ["knn", "linear", "clusters"],
+        description="knn, linear, clusters, and few-label probes linear_<P>pct (e.g. linear_1pct, linear_10pct)")
+    knn: list[KnnConfig] = Field(default_factory=lambda: [KnnConfig(k=200, t=0.1), KnnConfig(k=20, t=0.07)])
+    linear: Linear = Field(default_factory=Linear)
+    transfer: Transfer | None = None
+    baseline: bool = True  # also score a random-init student, the floor distillation must beat
+
+    @field_validator("protocols")
+    @classmethod
+    def _check_protocols(cls, value: list[str]) -> list[str]:
+        from kt_edge.evaluate.protocols import check_protocols
+
+        check_protocols(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_knn(self) -> "EvalConfig":
+        settings = [(s.k, s.t) for s in self.knn]
+        if len(set(settings)) != len(settings):
+            raise ValueError("eval.knn lists the same (k, t) setting twice")
+        if "knn" in self.protocols and not settings:
+            raise ValueError("eval.protocols has 'knn' but eval.knn lists no setting")
+        return self
+
+
+class ExportConfig(Strict):
+    opset: int = Field(default=17, ge=13, le=21)
+    golden: int = Field(default=16, ge=1, description="real images whose fp32 outputs ship in the bundle")
+    precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32"])
+    calibration: int = Field(default=512, ge=1, description="images for int8 calibration")
+    rtol: float = Field(default=1e-3, gt=0)
+    atol: float = Field(default=1e-5, gt=0)
+    min_cosine_fp32: float = Field(default=0.99999, gt=0, le=1)
+    min_cosine_fp16: float = Field(default=0.997, gt=0, le=1)
+    min_cosine_int8: float = Field(default=0.98, gt=0, le=1)
+    max_knn_drop: float = Field(default=1.0, ge=0, description="k-NN top-1 points the export may lose")
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    runs_dir: Path = Path("runs")
+    data: DataConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+    def digest(self, *keys: str) -> str:
+        """Hash of the named parts (dotted keys; all when none): a stage reruns only when its inputs change."""
+        data = self.model_dump(mode="json")
+        picked = {}
+        for key in keys:
+            node = data
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+        return hashlib.sha256(json.dumps(picked if keys else data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value), the value parsed as YAML (so 3, 1e-4, true, [1, 2] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"bad override {text!r}: expected KEY=VALUE, e.g. distill.train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"bad override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem is one RecipeError line naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return recipe_from_dict(data, overrides, source=str(path))
+
+
+def recipe_from_dict(data: Any, overrides: list[str] = (), source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {_first_error(exc)}") from None

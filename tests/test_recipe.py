@@ -1,0 +1,63 @@
+import pytest
+from typer.testing import CliRunner
+
+from kt_edge.cli import app
+from kt_edge.errors import RecipeError
+from kt_edge.recipe import load_recipe, recipe_from_dict
+
+from conftest import REPO, tiny_recipe_dict
+
+
+def test_quickstart_recipe_is_valid():
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
+    assert recipe.teacher.method == "moco" and recipe.distill.method == "seed"
+    # method options are validated and completed with the method's defaults
+    assert recipe.distill.options["tau_teacher"] == pytest.approx(1e-4)
+
+
+def test_override_any_field(tmp_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path), ["distill.train.epochs=7", "distill.options.tau_student=0.1",
+                                                           "data.train.subset=100"])
+    assert recipe.distill.train.epochs == 7
+    assert recipe.distill.options["tau_student"] == 0.1
+    assert recipe.data.train.subset == 100
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.optons.queue=5", "unknown key 'teacher.optons'"),
+    ("teacher.options.qeue=5", "unknown key 'teacher.options.qeue'"),
+    ("teacher.method=nope", "unknown teacher.method 'nope'"),
+    ("data.image_size=big", "data.image_size"),
+    ("distill.train.lr=-1", "distill.train.lr"),
+    ("distill.student=vgg", "distill.student"),
+    ("noequals", "expected KEY=VALUE"),
+])
+def test_bad_values_are_one_line_errors(tmp_path, override, message):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(tiny_recipe_dict(tmp_path), [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_refuses_bad_recipe_before_compute_with_exit_2(tiny_recipe):
+    path = tiny_recipe()
+    result = CliRunner().invoke(app, ["run", str(path), "--set", "teacher.options.qeue=3"])
+    assert result.exit_code == 2
+    assert "unknown key 'teacher.options.qeue'" in result.output
+    assert not (path.parent / "runs").exists()  # nothing was started
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_digest_tracks_only_named_inputs(tmp_path):
+    a = recipe_from_dict(tiny_recipe_dict(tmp_path))
+    b = recipe_from_dict(tiny_recipe_dict(tmp_path), ["distill.train.lr=0.5"])
+    assert a.digest("teacher") == b.digest("teacher")
+    assert a.digest("distill") != b.digest("distill")
