@@ -23,18 +23,18 @@ def _seed_method(n_images):
     return Seed(build_backbone("alexnet", 32), teacher, {"queue": 16, "hidden": 64}, n_images)
 
 
-def _run(tmp_path, method, data, steps, resume=False, **cfg):
-    cfg = TrainConfig(epochs=100, max_steps=steps, batch_size=16, lr=0.05, checkpoint_every=2, **cfg)
+def _run(tmp_path, method, data, steps, resume=False):
+    cfg = TrainConfig(epochs=100, max_steps=steps, batch_size=16, optimizer="adamw", lr=2e-3, checkpoint_every=2)
     return train(method, data, cfg, tmp_path, stage="distill", seed=0, device=CPU, image_size=32,
                  resume=resume, metrics_path=tmp_path / "metrics.jsonl")
 
 
 def test_training_lowers_the_loss(tmp_path):
     data = open_images(SAMPLE / "train", subset=32, seed=0)
-    _run(tmp_path, _seed_method(len(data)), data, steps=16)
+    _run(tmp_path, _seed_method(len(data)), data, steps=16)  # 2 batches, seen 8 times under new augmentations
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 16
-    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):

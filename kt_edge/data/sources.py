@@ -49,9 +49,19 @@ class Images(torch.utils.data.Dataset):
 
     def with_transform(self, transform: Callable) -> "Images":
         """A shallow copy with another transform (the underlying files are shared)."""
+        return self._copy(transform=transform)
+
+    def with_labels(self, labels: np.ndarray) -> "Images":
+        """A shallow copy whose targets are ``labels``: training is label-free, so methods use this slot
+        for what they need per image (pseudo-labels, or the image index to look up cached features)."""
+        if len(labels) != len(self):
+            raise ValueError(f"{len(labels)} labels for {len(self)} images")
+        return self._copy(labels=np.asarray(labels, dtype=np.int64))
+
+    def _copy(self, **changes) -> "Images":
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone.transform = transform
+        clone.__dict__.update(changes)
         return clone
 
 

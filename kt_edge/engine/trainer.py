@@ -114,6 +114,7 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
     ``fingerprint`` names the stage's inputs; a resume point made from other inputs is refused.
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{stage}: {len(dataset)} images is fewer than one batch of {cfg.batch_size}; "

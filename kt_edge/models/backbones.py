@@ -39,12 +39,23 @@ def build_backbone(arch: str, image_size: int) -> Backbone:
         net.fc = nn.Identity()
         return Backbone(arch, image_size, net, embed_dim)
     if arch == "alexnet":
-        net = models.alexnet(weights=None)
+        features = models.alexnet(weights=None).features
         if small:
-            net.features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2)
-        body = nn.Sequential(net.features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2)
+        body = nn.Sequential(_with_batchnorm(features), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         return Backbone(arch, image_size, body, 256)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def _with_batchnorm(features: nn.Sequential) -> nn.Sequential:
+    """AlexNet with BatchNorm after every conv, as the self-supervised AlexNets of CompRess and
+    Noroozi et al. use: without it a randomly initialised AlexNet barely trains."""
+    layers = []
+    for layer in features:
+        layers.append(layer)
+        if isinstance(layer, nn.Conv2d):
+            layers.append(nn.BatchNorm2d(layer.out_channels))
+    return nn.Sequential(*layers)
 
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:

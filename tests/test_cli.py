@@ -1,0 +1,91 @@
+"""Every CLI stage on a tiny subset of the sample, in the order a user runs them."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+from kt_edge.cli import app
+from kt_edge_runtime.bundle import load_bundle
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny run through train-teacher, distill, eval and export, shared by the tests below."""
+    from conftest import tiny_recipe_dict
+    import yaml
+
+    root = tmp_path_factory.mktemp("cli")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(root / "runs")))
+    outputs = {cmd: invoke(cmd, recipe) for cmd in ("train-teacher", "distill", "eval", "export")}
+    return recipe, root / "runs" / "tiny", outputs
+
+
+def test_each_stage_succeeds_and_writes_its_artifact(trained_run):
+    recipe, run_dir, outputs = trained_run
+    for cmd, result in outputs.items():
+        assert result.exit_code == 0, f"{cmd}: {result.output}"
+    for path in ("recipe.yaml", "metrics.jsonl", "teacher/model.safetensors", "teacher/model.json",
+                 "student/model.safetensors", "student/model.json", "eval/results.json", "bundle/manifest.json"):
+        assert (run_dir / path).is_file(), path
+    stages = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"teacher", "distill"}
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results) == {"teacher", "student", "random_init"}
+    assert all(0 <= row["top1"] <= 100 for rows in results.values() for row in rows)
+
+
+def test_bundle_is_verified_and_hash_checked(trained_run):
+    _, run_dir, _ = trained_run
+    manifest = load_bundle(run_dir / "bundle")
+    assert manifest.verified
+    fp32 = manifest.parity.results["fp32"]
+    assert fp32["passed"] and fp32["golden"]["min_cosine"] >= 0.99999
+    assert abs(fp32["accuracy"]["drop"]) <= 1.0
+    assert manifest.input.shape == (3, 32, 32) and manifest.output.dim == 256
+
+
+def test_finished_stages_are_not_redone(trained_run):
+    recipe, run_dir, _ = trained_run
+    before = (run_dir / "student" / "model.safetensors").stat().st_mtime_ns
+    result = invoke("distill", recipe)
+    assert result.exit_code == 0 and "up to date" in result.output
+    assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_export_fails_for_a_perturbed_model(trained_run, monkeypatch):
+    from kt_edge.export import bundle
+
+    recipe, run_dir, _ = trained_run
+    original = bundle.export_fp32
+
+    def perturbed_export(model, path, image_size, opset=17):
+        original(model, path, image_size, opset)
+        graph = onnx.load(str(path))
+        weight = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.05, weight.name))
+        onnx.save(graph, str(path))
+
+    monkeypatch.setattr(bundle, "export_fp32", perturbed_export)
+    result = invoke("export", recipe)
+    assert result.exit_code == 1
+    assert "model.fp32.onnx" in result.output and "worst sample" in result.output
+    assert not load_bundle(run_dir / "bundle").verified
+
+
+def test_stage_out_of_order_is_a_clear_error(tmp_path, tiny_recipe):
+    recipe = tiny_recipe()
+    result = invoke("distill", recipe)
+    assert result.exit_code == 2
+    assert "run `kt-edge train-teacher` first" in result.output
