@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -22,10 +23,17 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the permissions a plain open() would
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_temps(folder: Path | str) -> None:
+    """Delete the temp files a killed writer left in ``folder`` (hidden ``.*.tmp``: never taken for artifacts)."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_bytes(target: Path | str, data: bytes) -> None:
@@ -39,6 +47,14 @@ def write_text(target: Path | str, text: str) -> None:
 
 def write_json(target: Path | str, obj) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@functools.cache
+def _umask() -> int:
+    """Read once: reading it means setting it, which is not thread-safe."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

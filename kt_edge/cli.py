@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable
 
@@ -30,7 +31,8 @@ def _friendly(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.getLogger("kt_edge").setLevel(logging.INFO)
         with warnings.catch_warnings():
             warnings.showwarning = lambda msg, *a, **k: err.print(f"[yellow]warning:[/] {msg}")
             try:
@@ -66,6 +68,31 @@ def train_teacher_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt 
     pipeline.train_teacher(_recipe(recipe, set_), resume)
 
 
+class FeatureSplit(str, Enum):
+    train = "train"
+    test = "test"
+
+
+@app.command("features")
+@_friendly
+def features_cmd(recipe: RecipeArg,
+                 split: Annotated[FeatureSplit, typer.Option(help="which data split to embed")] = FeatureSplit.train,
+                 set_: SetOpt = None):
+    """Extract the run teacher's features of a split to runs/<name>/features/<split>/ (resumes finished shards)."""
+    from kt_edge import pipeline
+
+    pipeline.features_stage(_recipe(recipe, set_), split.value)
+
+
+@app.command("cluster")
+@_friendly
+def cluster_cmd(recipe: RecipeArg, set_: SetOpt = None):
+    """k-means on the teacher's features (recipe section cluster); save centroids, pseudo-labels and a report."""
+    from kt_edge import pipeline
+
+    pipeline.cluster_stage(_recipe(recipe, set_))
+
+
 @app.command("distill")
 @_friendly
 def distill_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
@@ -91,6 +118,57 @@ def export_cmd(recipe: RecipeArg, set_: SetOpt = None):
     from kt_edge import pipeline
 
     pipeline.export(_recipe(recipe, set_))
+
+
+data_app = typer.Typer(help="Prepare data for fast training.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+class DataSplit(str, Enum):
+    train = "train"
+    test = "test"
+
+
+@data_app.command("cache")
+@_friendly
+def data_cache_cmd(recipe: RecipeArg,
+                   split: Annotated[DataSplit, typer.Option(help="which data split to decode")] = DataSplit.train,
+                   set_: SetOpt = None):
+    """Decode a split once into a uint8 array at data.image_size (resumable); train on it with data.cache: true."""
+    from kt_edge import pipeline
+
+    pipeline.cache_data(_recipe(recipe, set_), split.value)
+
+
+@app.command("report")
+@_friendly
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/quickstart", show_default=False)],
+    map_points: Annotated[int, typer.Option(min=0, help="test images on the 2-D map (0: no map)")] = 1000,
+):
+    """Write RUN_DIR/report.html (curves, metrics, 2-D map, confusion matrix, parity) and report.md."""
+    from kt_edge.evaluate.report import write_report
+
+    html, md = write_report(run_dir, map_points=map_points)
+    typer.echo(f"wrote {html} and {md}")
+
+
+@app.command("compare")
+@_friendly
+def compare_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories", show_default=False)],
+    csv: Annotated[Path | None, typer.Option(help="also write the table as CSV here")] = None,
+    md: Annotated[Path | None, typer.Option(help="also write the table as markdown here")] = None,
+):
+    """One side-by-side table of runs: teacher, method, student, every metric, export parity, latency."""
+    from kt_edge.evaluate.compare import compare_runs, to_markdown, write_csv, write_markdown
+
+    rows = compare_runs(run_dirs)
+    typer.echo(to_markdown(rows))
+    if csv:
+        write_csv(rows, csv)
+    if md:
+        write_markdown(rows, md)
 
 
 @app.command("check")

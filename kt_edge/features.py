@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kt_edge.atomic import atomic_path, write_json
+from kt_edge.engine.device import resolve_device
 from kt_edge.errors import DataError
 
 INDEX_NAME = "index.json"
@@ -31,15 +32,6 @@ PLAN_NAME = "plan.json"
 STORE_FORMAT = "kt-edge-features"
 STORE_VERSION = 1
 STORE_DTYPE = np.float16
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """Pick the device to embed on: the given one, else this rank's GPU, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _autocast(device: torch.device):
@@ -192,8 +184,9 @@ def _prepare_dir(root: Path, plan: dict) -> None:
     plan_path = root / PLAN_NAME
     if plan_path.exists() and json.loads(plan_path.read_text()) == plan:
         return
+    (root / INDEX_NAME).unlink(missing_ok=True)  # first: an index must never list a deleted shard
     for p in root.iterdir():
-        if p.name.startswith("shard-") or p.name == INDEX_NAME:
+        if p.name.startswith("shard-"):
             p.unlink()
     write_json(plan_path, plan)
 
@@ -306,13 +299,21 @@ class FeatureStore:
         index_path = root / INDEX_NAME
         if not index_path.exists():
             raise DataError(f"no {INDEX_NAME} in {root}: not a finished feature store")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != STORE_FORMAT or index.get("version") != STORE_VERSION:
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError:
+            index = None
+        if (not isinstance(index, dict) or index.get("format") != STORE_FORMAT
+                or index.get("version") != STORE_VERSION):
             raise DataError(f"{index_path} is not a {STORE_FORMAT} v{STORE_VERSION} index")
         feats, labels = [], []
         for s in index["shards"]:
-            f = np.load(root / s["features"], mmap_mode="r")
-            y = np.load(root / s["labels"], mmap_mode="r")
+            try:
+                f = np.load(root / s["features"], mmap_mode="r", allow_pickle=False)
+                y = np.load(root / s["labels"], mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"shard {s['features']} in {root} is missing or unreadable "
+                                f"({exc.__class__.__name__}); extract the features again") from None
             if f.shape != (s["n"], index["dim"]) or y.shape != (s["n"],):
                 raise DataError(f"shard {s['features']} in {root} does not match {INDEX_NAME}")
             feats.append(f)

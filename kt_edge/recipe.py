@@ -22,7 +22,7 @@ def _validate_options(section: str, method: str, options: dict, registry: dict) 
     if method not in registry:
         raise ValueError(f"unknown {section}.method {method!r}; choose from {', '.join(sorted(registry))}")
     try:
-        return registry[method].Options(**options).model_dump(mode="json")
+        return registry[method].Options.model_validate(options).model_dump(mode="json")
     except ValidationError as exc:
         raise ValueError(_first_error(exc, prefix=f"{section}.options")) from None
 
@@ -58,6 +58,13 @@ class DataConfig(Strict):
     test: DataSource | None = None  # labelled split for evaluation; the k-NN bank is `train`
     image_size: int = Field(default=32, ge=16, le=512)
     workers: int = Field(default=2, ge=0)
+    cache: bool = Field(default=False, description="train from a uint8 copy decoded at image_size "
+                        "(`kt-edge data cache`; built on first use when missing)")
+    cache_dir: Path = Path("cache")
+    augment: Literal["auto", "per_sample", "batched"] = Field(
+        default="auto", description="per_sample: decode and augment each image in DataLoader workers; "
+        "batched: augment whole uint8 batches on the device (needs data.cache, or CIFAR pickles at their "
+        "32px); auto: batched on CUDA when the images are in such an array, per_sample otherwise")
 
 
 class TrainConfig(Strict):
@@ -73,12 +80,16 @@ class TrainConfig(Strict):
     warmup_epochs: float = Field(default=0.0, ge=0)
     checkpoint_every: int = Field(default=100, ge=1, description="steps between resume points")
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # NHWC activations and weights on CUDA (faster convolutions); ignored on CPU
+    compile: bool = False  # torch.compile the networks: slow first steps, faster ones after
 
 
 class TeacherConfig(Strict):
     arch: Literal["resnet18", "resnet50", "alexnet"] = "resnet50"
     method: str = "moco"
     checkpoint: Path | None = None  # import instead of training
+    format: Literal["auto", "kt-edge", "torchvision", "moco", "swav", "dino", "timm"] = Field(
+        default="auto", description="layout of teacher.checkpoint; auto reads it from the keys")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=200, lr=0.06))
     options: dict[str, Any] = Field(default_factory=dict, description="method options, see `kt-edge methods`")
 
@@ -87,6 +98,8 @@ class TeacherConfig(Strict):
         from kt_edge.teachers import TEACHERS
 
         self.options = _validate_options("teacher", self.method, self.options, TEACHERS)
+        if self.format != "auto" and self.checkpoint is None:
+            raise ValueError(f"teacher.format {self.format!r} describes teacher.checkpoint, which is not set")
         return self
 
 
@@ -151,6 +164,18 @@ class EvalConfig(Strict):
         return self
 
 
+class ClusterConfig(Strict):
+    """k-means on the teacher's features of data.train; every image's nearest centroid is its pseudo-label."""
+
+    k: int = Field(default=2000, ge=2, description="clusters (2000 for ImageNet, as Noroozi et al.)")
+    niter: int = Field(default=20, ge=1)
+    pca_dim: int | None = Field(default=None, ge=1, description="PCA-whiten to this many dims first; unset: off")
+    normalize: bool = True  # L2-normalise (after PCA) before k-means and assignment
+    max_points_per_centroid: int = Field(default=256, ge=1, description="k-means trains on at most k x this")
+    use_gpu: bool | Literal["auto"] = "auto"
+    assign_to: DataSource | None = None  # label this dataset instead of data.train (cluster transfer trains on it)
+
+
 class ExportConfig(Strict):
     opset: int = Field(default=17, ge=13, le=21)
     golden: int = Field(default=16, ge=1, description="real images whose fp32 outputs ship in the bundle")
@@ -172,6 +197,7 @@ class Recipe(Strict):
     data: DataConfig
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -206,7 +232,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise RecipeError(f"bad override {text!r}: expected KEY=VALUE, e.g. distill.train.epochs=5")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # e.g. 2001-13-01, or nesting too deep: keep the text
         value = raw
     return key.strip().split("."), value
 
@@ -232,9 +258,10 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and bad dates are ValueErrors
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecipeError(f"{path}: not valid YAML ({reason})") from None
     return recipe_from_dict(data, overrides, source=str(path))
 
 

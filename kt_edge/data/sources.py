@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from kt_edge.errors import DataError
 
@@ -86,8 +86,17 @@ class ArrayImages(Images):
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode any PIL-readable file to 8-bit RGB (grayscale, palette, alpha, CMYK and 16-bit included)."""
-    with Image.open(path) as image:
+    """Decode any PIL-readable file to 8-bit RGB (grayscale, palette, alpha, CMYK and 16-bit included).
+
+    An image over ``PIL.Image.MAX_IMAGE_PIXELS`` is refused (PIL itself only warns below twice that).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombWarning as exc:
+            raise Image.DecompressionBombError(str(exc)) from None
+    with opened as image:
         image.load()
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             array = np.asarray(image, dtype=np.float64)
@@ -114,8 +123,8 @@ def _check(path: Path) -> str | None:
             return "empty file"
         load_rgb(path)
     except Image.DecompressionBombError as exc:
-        return f"too large ({exc})"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"too large ({exc} Raise PIL.Image.MAX_IMAGE_PIXELS to accept it.)"
+    except Exception as exc:  # PIL's decoders raise many types on malformed files (struct.error, IndexError, ...)
         return f"not a readable image ({exc.__class__.__name__})"
     return None
 
@@ -175,6 +184,8 @@ def open_images(path: Path | str, format: str = "auto", split: str = "train", su
             warnings.warn(f"{path}: skipped {len(scan.bad)} unreadable file(s) of {len(files)}: {examples}",
                           stacklevel=2)
         dataset = FileImages(scan.paths, scan.labels, classes, name=str(path))
+        if files and not scan.paths:
+            raise DataError(f"{path}: none of its {len(files)} file(s) is a readable image")
     if len(dataset) == 0:
         raise DataError(f"{path}: no images found")
     if subset is not None and subset < len(dataset):

@@ -1,10 +1,16 @@
-"""A FIFO queue of embeddings: MoCo's negatives, SEED's queue, CompRess's memory bank."""
+"""A FIFO queue of embeddings: MoCo's negatives, SEED's queue, CompRess's memory bank.
+
+Under data parallelism every rank pushes the batch gathered from all ranks (as the official
+MoCo/SEED code), so the queues stay identical without being broadcast.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kt_edge.engine.distributed import concat_all_gather
 
 
 class FeatureQueue(nn.Module):
@@ -20,6 +26,7 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, batch: torch.Tensor) -> None:
+        batch = concat_all_gather(batch.detach().contiguous())
         index = (self.ptr + torch.arange(len(batch), device=self.items.device)) % len(self.items)
         self.items[index] = batch.detach().to(self.items.dtype)
         self.ptr.copy_((self.ptr + len(batch)) % len(self.items))

@@ -8,12 +8,19 @@ The loop owns the rest, written once: seeding, device, bf16 autocast, the cosine
 progress, ``metrics.jsonl``, resume points written atomically, SIGTERM/SIGINT handling and a
 NaN guard.  Every sample's augmentation and the batch order are functions of (seed, epoch,
 index), so a resumed run equals an uninterrupted one.
+
+Images reach the method by one of two paths: ``per_sample`` (DataLoader workers decode and augment
+each image with the method's ``train_transform``) or ``batched`` (uint8 rows of a cached array go to
+the device, where ``BatchAugment`` builds the same views a whole batch at a time).  Under torchrun
+the step runs in DistributedDataParallel, ``cfg.batch_size`` is the global batch (each rank takes a
+contiguous slice of it), logged scalars are averaged over ranks and rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -25,7 +32,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kt_edge import atomic
 from kt_edge.data.augment import SeededViews
-from kt_edge.errors import DataError, KtEdgeError, TrainingError
+from kt_edge.data.feed import ArrayBatches
+from kt_edge.data.gpu_augment import BatchAugment
+from kt_edge.engine import distributed
+from kt_edge.errors import CheckpointError, DataError, KtEdgeError, TrainingError
+from kt_edge.models.frozen import FrozenTeacher
 
 RESUME = "resume.pt"
 
@@ -43,25 +54,29 @@ class TrainResult:
     seconds: float
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KtEdgeError("device 'cuda' asked for, but torch sees no GPU; use device: auto or cpu")
-    return torch.device(name)
-
-
 class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, starting part-way through when resuming."""
+    """A seeded permutation per epoch, starting part-way through when resuming.
 
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0):
+    With ``world`` ranks, rank r takes the r-th contiguous slice of every global batch of
+    ``batch_size``, so the ranks together see exactly the batches one process would.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, *, rank: int = 0, world: int = 1,
+                 batch_size: int = 1):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.rank, self.world, self.batch_size = rank, world, batch_size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator)[self.start:].tolist())
+        order = torch.randperm(self.n, generator=generator)[self.start:]
+        if self.world > 1:
+            order = order[: len(order) // self.batch_size * self.batch_size]
+            order = order.view(-1, self.world, self.batch_size // self.world)[:, self.rank].reshape(-1)
+        return iter(order.tolist())
 
     def __len__(self) -> int:
+        if self.world > 1:
+            return (self.n - self.start) // self.batch_size * (self.batch_size // self.world)
         return self.n - self.start
 
 
@@ -73,10 +88,21 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """SGD or AdamW; the fused (single-kernel) implementations on CUDA."""
+    fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def networks(method: torch.nn.Module) -> list[torch.nn.Module]:
+    """The networks a step runs: the method's sub-modules with weights, and a frozen teacher's model."""
+    found = [child for child in method.children() if any(True for _ in child.parameters())]
+    teacher = getattr(method, "teacher", None)
+    if isinstance(teacher, FrozenTeacher):
+        found.append(teacher.model)
+    return found
 
 
 @contextmanager
@@ -98,23 +124,42 @@ def stop_signals():
             signal.signal(sig, old)
 
 
-def _to(batch, device):
+def _to(batch, device, memory_format=torch.contiguous_format):
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)
+        return batch.contiguous(memory_format=memory_format) if batch.ndim == 4 else batch
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(item, device) for item in batch)
+        return type(batch)(_to(item, device, memory_format) for item in batch)
     return batch
+
+
+def _read_resume_point(path: Path) -> dict:
+    """A resume point, loaded with weights_only=True: a planted pickle cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable resume point ({exc.__class__.__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0]}); delete it and run without --resume") from None
+    keys = {"method", "optimizer", "rng", "step", "fingerprint"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise CheckpointError(f"{path}: not a kt-edge resume point (expected the keys {', '.join(sorted(keys))})")
+    return state
 
 
 def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, seed: int,
           device: torch.device, image_size: int, workers: int = 0, resume: bool = False,
-          fingerprint: str = "", metrics_path: Path | None = None) -> TrainResult:
+          fingerprint: str = "", metrics_path: Path | None = None, augment: str = "per_sample") -> TrainResult:
     """Train ``method`` on ``dataset`` per ``cfg`` (a recipe ``TrainConfig``); resume points go to ``out_dir``.
 
     ``fingerprint`` names the stage's inputs; a resume point made from other inputs is refused.
+    ``augment`` is the data path: ``per_sample`` or ``batched`` (``dataset`` then holds a uint8 ``array``).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic.remove_temps(out_dir)  # a resume point half-written when the last run was killed
+    local_batch = distributed.local_batch_size(cfg.batch_size, f"{stage}.train.batch_size")
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{stage}: {len(dataset)} images is fewer than one batch of {cfg.batch_size}; "
@@ -126,12 +171,16 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
 
     torch.manual_seed(seed)
     method.to(device)
+    memory_format = torch.channels_last if device.type == "cuda" and cfg.channels_last else torch.contiguous_format
+    if memory_format is torch.channels_last:
+        for network in networks(method):
+            network.to(memory_format=memory_format)
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg, device)
     step = 0
     resume_path = out_dir / RESUME
     if resume and resume_path.is_file():
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        state = _read_resume_point(resume_path)
         if state.get("fingerprint", "") != fingerprint:
             raise KtEdgeError(f"{resume_path} was written for other inputs (the recipe changed); "
                               "run without --resume to start this stage again")
@@ -139,61 +188,91 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step = int(state["step"])
+    if cfg.compile:
+        for network in networks(method):
+            network.compile()  # in place: state-dict keys stay as they were
+    step_fn = distributed.step_function(method, device)
 
-    views = SeededViews(dataset.with_transform(method.train_transform(image_size)), seed)
+    if augment == "batched":
+        batched = BatchAugment.from_transform(method.train_transform(image_size))
+        views = ArrayBatches(dataset, batched, seed, image_size)
+    elif augment == "per_sample":
+        views = SeededViews(dataset.with_transform(method.train_transform(image_size)), seed)
+    else:
+        raise ValueError(f"augment must be 'per_sample' or 'batched', got {augment!r}")
+
+    def epoch_batches(epoch: int, start: int):
+        """This rank's batches of one epoch from sample ``start`` on, on the device."""
+        views.epoch = epoch
+        sampler = EpochSampler(len(views), seed, epoch, start, rank=rank, world=world, batch_size=cfg.batch_size)
+        common = dict(num_workers=workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed + epoch))  # keeps the global RNG untouched
+        if augment == "per_sample":
+            loader = torch.utils.data.DataLoader(views, batch_size=local_batch, drop_last=True, sampler=sampler,
+                                                 **common)
+            for batch in loader:
+                yield _to(batch, device, memory_format)
+            return
+        loader = torch.utils.data.DataLoader(
+            views, batch_size=None, sampler=torch.utils.data.BatchSampler(sampler, local_batch, drop_last=True),
+            **common)
+        for pixels, uniforms, labels in loader:
+            images = batched(pixels.to(device, non_blocking=True), uniforms.to(device, non_blocking=True))
+            yield _to(images, device, memory_format), labels.to(device, non_blocking=True)
+
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
                 else nullcontext())
-    log = open(metrics_path, "a") if metrics_path else None
+    log = open(metrics_path, "a", buffering=1) if metrics_path and main else None  # line-buffered: `tail -f` works
     started, loss_value = time.perf_counter(), float("nan")
 
     def save_resume_point():
+        if not all(bool(torch.isfinite(t).all()) for t in method.state_dict().values() if t.is_floating_point()):
+            raise TrainingError(f"{stage}: the weights became inf or NaN at step {step}; "
+                                f"the last resume point in {out_dir} is kept")
+        if not main:
+            return
         with atomic.atomic_path(resume_path) as tmp:
             torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "step": step,
                         "fingerprint": fingerprint}, tmp)
 
     progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=False)
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=False,
+                        disable=not main)
     try:
         with stop_signals() as stop, progress:
             task = progress.add_task(stage, total=total, completed=step, loss=float("nan"))
             method.train()
             while step < total:
                 epoch, offset = divmod(step, steps_per_epoch)
-                views.epoch = epoch
-                loader = torch.utils.data.DataLoader(
-                    views, batch_size=cfg.batch_size, drop_last=True, num_workers=workers,
-                    sampler=EpochSampler(len(views), seed, epoch, offset * cfg.batch_size),
-                    pin_memory=device.type == "cuda",
-                    generator=torch.Generator().manual_seed(seed + epoch))  # keeps the global RNG untouched
-                for batch in loader:
+                for batch in epoch_batches(epoch, offset * cfg.batch_size):
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(step, total, warmup, cfg.lr)
                     with autocast:
-                        out = method.training_step(_to(batch, device))
-                    loss = out["loss"]
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"{stage}: loss became {loss.item()} at step {step + 1}; "
+                        out = step_fn(batch)
+                    scalars = distributed.mean_scalars(out)
+                    loss_value = scalars["loss"]
+                    if not math.isfinite(loss_value):
+                        raise TrainingError(f"{stage}: loss became {loss_value} at step {step + 1}; "
                                             f"the last resume point in {out_dir} is kept")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    out["loss"].backward()
                     optimizer.step()
                     if hasattr(method, "after_step"):
                         method.after_step(step, total)
                     step += 1
-                    loss_value = loss.item()
                     progress.update(task, completed=step, loss=loss_value)
                     if log:
                         record = {"stage": stage, "step": step, "epoch": epoch,
                                   "lr": optimizer.param_groups[0]["lr"], "time": time.time()}
-                        record.update({k: float(v.detach()) for k, v in out.items()})
+                        record.update(scalars)
                         log.write(json.dumps(record) + "\n")
                     if step % cfg.checkpoint_every == 0 or step == total:
                         save_resume_point()
-                    if stop["signal"]:
+                    if distributed.any_rank(bool(stop["signal"])):
                         save_resume_point()
-                        raise Interrupted(f"{stage}: stopped by {stop['signal']} at step {step}/{total}; "
-                                          f"run the same command with --resume to continue")
+                        raise Interrupted(f"{stage}: stopped by {stop['signal'] or 'a signal to another rank'} "
+                                          f"at step {step}/{total}; run the same command with --resume to continue")
                     if step >= total:
                         break
     finally:

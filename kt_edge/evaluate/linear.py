@@ -13,6 +13,8 @@ probes for a recipe, on its own data or a transfer dataset.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,9 @@ from kt_edge.evaluate.knn import l2_normalize
 BN_EPS = 1e-5
 WEIGHT_DECAYS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
 VALIDATION_FRACTION = 0.2
+# CPU probes with fewer multiply-adds per L-BFGS step (rows x dims x classes) fit on one thread: their
+# matmuls are too small to split, and on a busy 2-core host two threads made each step ~16x slower.
+ONE_THREAD_MACS = 10**8
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,20 @@ def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float
 
     optimizer.step(closure)
     return weight.detach(), bias.detach()
+
+
+@contextmanager
+def _threads_for(x: torch.Tensor, num_classes: int) -> Iterator[None]:
+    """One torch thread while fitting a small probe on the CPU; the previous count after."""
+    if x.device.type != "cpu" or x.numel() * num_classes >= ONE_THREAD_MACS:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _topk_hits(x: torch.Tensor, y: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
@@ -156,8 +175,9 @@ def linear_probe(
         train_x, test_x = compress_normalize(train_x, test_x)
     x = torch.as_tensor(np.ascontiguousarray(train_x, dtype=np.float32), device=device)
     y = train_y.astype(np.int64)
-    chosen = grid[0] if len(grid) == 1 else _select_weight_decay(x, y, num_classes, grid, max_iter, seed)
-    weight, bias = _fit(x, torch.as_tensor(y, device=device), num_classes, chosen, max_iter)
+    with _threads_for(x, num_classes):
+        chosen = grid[0] if len(grid) == 1 else _select_weight_decay(x, y, num_classes, grid, max_iter, seed)
+        weight, bias = _fit(x, torch.as_tensor(y, device=device), num_classes, chosen, max_iter)
     test = torch.as_tensor(np.ascontiguousarray(test_x, dtype=np.float32), device=device)
     hits = _topk_hits(test, test_y, weight, bias)
     return ProbeResult(

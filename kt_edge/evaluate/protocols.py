@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from itertools import zip_longest
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from kt_edge.evaluate.clusters import cluster_alignment
 from kt_edge.evaluate.knn import KnnSetting, knn_classify
 from kt_edge.evaluate.linear import WEIGHT_DECAYS, few_label_probe, linear_probe
 from kt_edge.features import embed, resolve_device
+
+if TYPE_CHECKING:  # recipe validation imports this module
+    from kt_edge.recipe import EvalConfig
 
 _PROTOCOL = re.compile(r"knn|linear|clusters|linear_(\d+(?:\.\d+)?)pct")
 TRANSFER_PREFIX = "transfer_"
@@ -57,7 +61,7 @@ class Evaluation:
     map_labels: np.ndarray | None
 
 
-def knn_settings(cfg) -> tuple[KnnSetting, ...]:
+def _knn_settings(cfg: EvalConfig) -> tuple[KnnSetting, ...]:
     """The recipe's k-NN settings, in recipe order (the first is the headline one)."""
     return tuple(KnnSetting(s.k, s.t) for s in cfg.knn)
 
@@ -66,7 +70,7 @@ def _needs_bank(protocols: list[str]) -> bool:
     return any(p != "clusters" for p in protocols)
 
 
-def _check_sizes(cfg, bank_size: int) -> None:
+def _check_sizes(cfg: EvalConfig, bank_size: int) -> None:
     """Refuse a k-NN setting the bank cannot fill before anything is embedded."""
     if "knn" in cfg.protocols:
         largest = max(s.k for s in cfg.knn)
@@ -79,7 +83,7 @@ def run_protocols(
     bank_y: np.ndarray | None,
     test_x: np.ndarray,
     test_y: np.ndarray,
-    cfg,
+    cfg: EvalConfig,
     seed: int = 0,
     device: str = "cpu",
     num_classes: int | None = None,
@@ -106,7 +110,7 @@ def run_protocols(
     for protocol in cfg.protocols:
         try:
             if protocol == "knn":
-                settings = knn_settings(cfg)
+                settings = _knn_settings(cfg)
                 preds = knn_classify(bank_x, bank_y, test_x, settings, num_classes)
                 metrics.update({s.name: float((preds[s] == test_y).mean() * 100.0) for s in settings})
                 predictions = preds[settings[0]]
@@ -146,7 +150,7 @@ def evaluate_model_detailed(
     model: torch.nn.Module,
     bank_set,
     test_set,
-    cfg,
+    cfg: EvalConfig,
     seed: int = 0,
     device: str | torch.device | None = None,
     workers: int = 0,
@@ -173,7 +177,7 @@ def evaluate_model(
     model: torch.nn.Module,
     bank_set,
     test_set,
-    cfg,
+    cfg: EvalConfig,
     seed: int = 0,
     device: str | torch.device | None = None,
     workers: int = 0,
@@ -195,20 +199,29 @@ def labelled_pair(train_source, test_source, image_size: int, seed: int = 0) -> 
     return train_set.with_transform(transform), test_set.with_transform(transform)
 
 
+def transfer_splits(cfg: EvalConfig, image_size: int, seed: int = 0) -> tuple[Images, Images] | None:
+    """The (bank, scored) splits of ``cfg.transfer``, opened once for all models; None when it is not set."""
+    if cfg.transfer is None:
+        return None
+    return labelled_pair(cfg.transfer.train, cfg.transfer.test, image_size, seed)
+
+
 def evaluate_transfer(
     model: torch.nn.Module,
-    cfg,
+    cfg: EvalConfig,
     image_size: int,
     seed: int = 0,
     device: str | torch.device | None = None,
     workers: int = 0,
+    splits: tuple[Images, Images] | None = None,
 ) -> dict[str, float]:
     """The same protocols on ``cfg.transfer`` (train = bank, test = scored), metric names prefixed 'transfer_'.
 
-    Empty when the recipe sets no transfer dataset.
+    Empty when the recipe sets no transfer dataset. Pass ``splits`` from `transfer_splits` when
+    scoring several models, so the folders are opened and checked once.
     """
     if cfg.transfer is None:
         return {}
-    bank_set, test_set = labelled_pair(cfg.transfer.train, cfg.transfer.test, image_size, seed)
+    bank_set, test_set = splits or transfer_splits(cfg, image_size, seed)
     metrics = evaluate_model(model, bank_set, test_set, cfg, seed, device, workers)
     return {TRANSFER_PREFIX + name: value for name, value in metrics.items()}

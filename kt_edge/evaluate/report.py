@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from kt_edge_runtime.bundle import BundleError, load_bundle
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from pydantic import ValidationError
@@ -27,8 +28,16 @@ from sklearn.metrics import confusion_matrix
 
 from kt_edge import atomic
 from kt_edge.errors import DataError, KtEdgeError
-from kt_edge.evaluate.compare import (describe, format_value, markdown_table, read_bench, read_manifest,
-                                      read_parity, read_recipe, read_results)
+from kt_edge.evaluate.compare import (
+    describe,
+    format_value,
+    markdown_table,
+    read_bench,
+    read_manifest,
+    read_parity,
+    read_recipe,
+    read_results,
+)
 from kt_edge.evaluate.knn import KnnSetting, l2_normalize
 from kt_edge.evaluate.protocols import Evaluation, evaluate_model_detailed, labelled_pair
 from kt_edge.models.checkpoint import load_backbone
@@ -166,7 +175,7 @@ class Recomputed:
     knn_error: str | None  # why the student's k-NN could not run
 
 
-def _recompute(run_dir: Path, recipe: dict, max_bank: int, max_test: int, map_points: int,
+def _recompute(run_dir: Path, recipe: dict, seed: int, max_bank: int, max_test: int, map_points: int,
                device: str) -> Recomputed | str:
     """The recomputed views, or the reason they cannot be made."""
     try:
@@ -176,7 +185,6 @@ def _recompute(run_dir: Path, recipe: dict, max_bank: int, max_test: int, map_po
         return f"recipe.yaml has no usable data/eval section ({str(exc).splitlines()[0]})"
     if data.test is None:
         return "the recipe names no labelled test split (data.test)"
-    seed = int(recipe.get("seed", 0))
     capped = [s.model_copy(update={"subset": min(s.subset or cap, cap)})
               for s, cap in ((data.train, max_bank), (data.test, max_test))]
     try:
@@ -187,7 +195,7 @@ def _recompute(run_dir: Path, recipe: dict, max_bank: int, max_test: int, map_po
     knn_only = eval_cfg.model_copy(update={"protocols": ["knn"], "knn": [first]})
     map_only = eval_cfg.model_copy(update={"protocols": []})
     evaluations, knn_error = {}, "no student checkpoint"
-    for stage in ("teacher", "student"):
+    for stage in ("teacher", "student") if map_points else ("student",):
         try:
             model, _ = load_backbone(run_dir / stage)
         except KtEdgeError:
@@ -237,13 +245,55 @@ def _map(views: Recomputed | str, seed: int, map_points: int) -> Section:
             mine = evaluation.map_labels == c
             ax.scatter(points[mine, 0], points[mine, 1], s=6, color=colors[c], label=name)
         ax.set(title=f"{model} ({len(points)} test images)", xticks=[], yticks=[])
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", markerscale=2.5, fontsize=8)
-    fig.subplots_adjust(right=1 - 1.6 / fig.get_figwidth())
+    if len(views.classes) <= 20:  # beyond that a legend hides more than it tells
+        handles, labels = fig.axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", markerscale=2.5, fontsize=8)
+        fig.subplots_adjust(right=1 - 1.6 / fig.get_figwidth())
     section.html.append(_png(fig))
     missing = [m for m in ("teacher", "student") if m not in shown]
     _text(section, "Coloured by true class." + (f" Missing: {', '.join(missing)} (no checkpoint)." if missing else ""))
     return section
+
+
+LABELLED_CLASSES = 40  # above this many classes, figures drop per-class tick labels
+
+
+def _accuracy_figure(classes: list[str], accuracy: np.ndarray, overall: float) -> Figure:
+    """One bar per class, or for many classes their accuracies sorted into one curve."""
+    n = len(classes)
+    fig = Figure(figsize=(6, min(0.28 * n, 12) + 1.2) if n <= LABELLED_CLASSES else (6, 3.5))
+    ax = fig.add_subplot()
+    if n <= LABELLED_CLASSES:
+        ax.barh(np.arange(n), np.nan_to_num(accuracy), color=_class_colors(n))
+        ax.set(yticks=np.arange(n), yticklabels=classes, xlim=(0, 100), xlabel="top-1 (%)")
+        ax.invert_yaxis()
+        ax.axvline(overall, color="k", ls=":", lw=1)
+    else:
+        ax.plot(np.sort(accuracy[~np.isnan(accuracy)])[::-1])
+        ax.set(xlabel="classes, best first", ylabel="top-1 (%)", ylim=(0, 100))
+        ax.axhline(overall, color="k", ls=":", lw=1)
+    return fig
+
+
+def _confusion_figure(classes: list[str], matrix: np.ndarray) -> Figure:
+    """Row-normalised confusion matrix; counts written in the cells when there are few classes."""
+    n = len(classes)
+    side = min(0.45 * n, 12)
+    fig = Figure(figsize=(side + 2.5, side + 2))
+    ax = fig.add_subplot()
+    rates = matrix / np.maximum(matrix.sum(axis=1), 1)[:, None]
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    if n <= LABELLED_CLASSES:
+        ax.set(xticks=np.arange(n), yticks=np.arange(n))
+        ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticklabels(classes, fontsize=8)
+    if n <= 20:
+        for (r, c), count in np.ndenumerate(matrix):
+            ax.text(c, r, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if rates[r, c] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return fig
 
 
 def _per_class(views: Recomputed | str) -> Section:
@@ -263,27 +313,8 @@ def _per_class(views: Recomputed | str) -> Section:
     _text(section, f"k-NN (k={views.setting.k}, T={views.setting.t:g}) with a bank of {views.bank_size} train "
                    f"images, scored on {views.test_size} test images: top-1 {overall:.2f}%.")
 
-    bars = Figure(figsize=(6, 0.28 * n + 1.2))
-    ax = bars.add_subplot()
-    ax.barh(np.arange(n), np.nan_to_num(accuracy), color=_class_colors(n))
-    ax.set(yticks=np.arange(n), yticklabels=views.classes, xlim=(0, 100), xlabel="top-1 (%)")
-    ax.invert_yaxis()
-    ax.axvline(overall, color="k", ls=":", lw=1)
-    section.html.append(_png(bars))
-
-    cm = Figure(figsize=(0.45 * n + 2.5, 0.45 * n + 2))
-    ax = cm.add_subplot()
-    rates = matrix / np.maximum(support, 1)[:, None]
-    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set(xticks=np.arange(n), yticks=np.arange(n), xlabel="predicted", ylabel="true", title="confusion matrix")
-    ax.set_xticklabels(views.classes, rotation=60, ha="right", fontsize=8)
-    ax.set_yticklabels(views.classes, fontsize=8)
-    if n <= 20:
-        for (r, c), count in np.ndenumerate(matrix):
-            ax.text(c, r, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if rates[r, c] > 0.5 else "black")
-    cm.colorbar(image, ax=ax, fraction=0.046)
-    section.html.append(_png(cm))
+    section.html.append(_png(_accuracy_figure(views.classes, accuracy, overall)))
+    section.html.append(_png(_confusion_figure(views.classes, matrix)))
     rows = [[name, str(support[c]), "n/a" if np.isnan(accuracy[c]) else f"{accuracy[c]:.2f}"]
             for c, name in enumerate(views.classes)]
     _table(section, ["class", "test images", "top-1 (%)"], rows)
@@ -293,14 +324,16 @@ def _per_class(views: Recomputed | str) -> Section:
 # --------------------------------------------------------------------------- export
 
 
+def _sci(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
 def _export(run_dir: Path) -> Section:
     section = Section("export", "Export parity")
     manifest = read_manifest(run_dir)
     if manifest is None:
         section.missing = "no bundle/manifest.json: run `kt-edge export` first"
         return section
-    from kt_edge_runtime.bundle import BundleError, load_bundle
-
     try:
         load_bundle(run_dir / "bundle")
         integrity = "every file matches its sha256"
@@ -309,8 +342,8 @@ def _export(run_dir: Path) -> Section:
     _text(section, f"Bundle {'verified' if manifest.get('verified') else 'NOT verified'} at export; "
                    f"integrity: {integrity}.")
     rows = [[precision, format_value("passed", p["passed"]), format_value("samples", p["samples"]),
-             format_value("min_cosine", p["min_cosine"]), f"{p['max_abs_err']:.3g}" if p["max_abs_err"] is not None
-             else "", format_value("top1", p["reference_top1"]), format_value("top1", p["top1"]),
+             format_value("min_cosine", p["min_cosine"]), _sci(p["max_abs_err"]),
+             format_value("top1", p["reference_top1"]), format_value("top1", p["top1"]),
              format_value("drop", p["top1_drop"])]
             for precision, p in read_parity(run_dir).items()]
     _table(section, ["precision", "verdict", "golden samples", "min cosine", "max abs err",
@@ -392,8 +425,8 @@ def write_report(
     if map_points < 0 or max_bank < 1 or max_test < 1:
         raise ValueError(f"need map_points >= 0 and max_bank, max_test >= 1, got {map_points}, {max_bank}, {max_test}")
     recipe = read_recipe(run_dir)
-    seed = int(recipe.get("seed", 0)) if isinstance(recipe.get("seed", 0), int) else 0
-    views = (_recompute(run_dir, recipe, max_bank, max_test, map_points, device) if recipe
+    seed = recipe.get("seed", 0) if isinstance(recipe.get("seed", 0), int) else 0
+    views = (_recompute(run_dir, recipe, seed, max_bank, max_test, map_points, device) if recipe
              else "no recipe.yaml in the run directory")
     sections = [_summary(run_dir, recipe), _training(run_dir), _evaluation(run_dir), _map(views, seed, map_points),
                 _per_class(views), _export(run_dir), _latency(run_dir)]

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from kt_edge_runtime.backends.onnxruntime import OrtBackend
-from kt_edge_runtime.bundle import Golden, InputSpec, Manifest, ModelEntry, OutputSpec, Parity, write_manifest
+from kt_edge_runtime.bundle import (MANIFEST_NAME, Golden, InputSpec, Manifest, ModelEntry, OutputSpec, Parity,
+                                    write_manifest)
 from kt_edge_runtime.parity import Thresholds, accuracy_parity, golden_parity, knn_top1
 from rich.progress import Progress
 
+from kt_edge import atomic
 from kt_edge.errors import KtEdgeError
 from kt_edge.export.onnx import INPUT_NAME, OUTPUT_NAME, export_fp32
 from kt_edge.models.checkpoint import load_backbone
@@ -70,11 +72,18 @@ def _version() -> str:
         return "unknown"
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
+
+
 def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, seed: int,
                  provenance: dict) -> dict:
     """Write the bundle, check every precision, and raise ParityError naming the worst sample on failure."""
     bundle_dir = Path(bundle_dir)
     (bundle_dir / "golden").mkdir(parents=True, exist_ok=True)
+    # The manifest marks a bundle complete: drop the old one before any file it vouches for changes.
+    (bundle_dir / MANIFEST_NAME).unlink(missing_ok=True)
     model, card = load_backbone(student_dir)
     model = model.cpu().eval()
     size = card["image_size"]
@@ -82,8 +91,8 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
     golden_x, _ = _stack(test_set, _pick(len(test_set), cfg.golden, seed))
     with torch.no_grad():
         golden_y = model(torch.from_numpy(golden_x)).numpy()
-    np.save(bundle_dir / "golden" / "inputs.npy", golden_x.astype(np.float32))
-    np.save(bundle_dir / "golden" / "outputs.npy", golden_y.astype(np.float32))
+    _save_npy(bundle_dir / "golden" / "inputs.npy", golden_x.astype(np.float32))
+    _save_npy(bundle_dir / "golden" / "outputs.npy", golden_y.astype(np.float32))
 
     files = {"fp32": bundle_dir / "model.fp32.onnx"}
     export_fp32(model, files["fp32"], size, cfg.opset)
@@ -98,7 +107,7 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
 
         calib_x, _ = _stack(train_set, _pick(len(train_set), cfg.calibration, seed + 1))
         calibration = "calibration.npy"
-        np.save(bundle_dir / calibration, calib_x.astype(np.float32))
+        _save_npy(bundle_dir / calibration, calib_x.astype(np.float32))
         files["int8"] = bundle_dir / "model.int8.onnx"
         to_int8(files["fp32"], files["int8"], calib_x)
 

@@ -2,6 +2,9 @@
 
 Images of 64 px and below get the CIFAR stem (3x3 stride-1 first conv, no max-pool) for ResNets
 and a stride-1 first conv for AlexNet, so 32 px inputs still leave spatial maps to learn from.
+
+``layer`` picks the stage whose pooled output is the embedding (default: the last stage): pretext
+teachers such as Jigsaw often have their most transferable features below the last conv.
 """
 
 from __future__ import annotations
@@ -12,23 +15,38 @@ from torchvision import models
 
 ARCHS = ("resnet18", "resnet50", "alexnet")
 SMALL_IMAGE = 64
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+ALEXNET_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
 
 class Backbone(nn.Module):
     """``forward(x) -> [N, embed_dim]`` pooled features; the thing teachers give and students learn."""
 
-    def __init__(self, arch: str, image_size: int, body: nn.Module, embed_dim: int):
+    def __init__(self, arch: str, image_size: int, body: nn.Module, embed_dim: int, layer: str | None = None):
         super().__init__()
         self.arch = arch
         self.image_size = image_size
         self.embed_dim = embed_dim
+        self.layer = layer  # None: the last stage
         self.body = body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
 
-def build_backbone(arch: str, image_size: int) -> Backbone:
+def layers_of(arch: str) -> tuple[str, ...]:
+    """The stage names ``build_backbone(..., layer=)`` accepts for ``arch``, first to last."""
+    return ALEXNET_LAYERS if arch == "alexnet" else RESNET_LAYERS
+
+
+def build_backbone(arch: str, image_size: int, layer: str | None = None) -> Backbone:
+    """A randomly initialised backbone; ``layer`` names the stage whose pooled output is the embedding."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+    if layer is not None and layer not in layers_of(arch):
+        raise ValueError(f"unknown layer {layer!r} for {arch}; choose from {', '.join(layers_of(arch))}")
+    if layer == layers_of(arch)[-1]:
+        layer = None  # the default, spelled out: same network, same checkpoint
     small = image_size <= SMALL_IMAGE
     if arch in ("resnet18", "resnet50"):
         net = getattr(models, arch)(weights=None)
@@ -37,14 +55,39 @@ def build_backbone(arch: str, image_size: int) -> Backbone:
             net.maxpool = nn.Identity()
         embed_dim = net.fc.in_features
         net.fc = nn.Identity()
-        return Backbone(arch, image_size, net, embed_dim)
-    if arch == "alexnet":
-        features = models.alexnet(weights=None).features
-        if small:
-            features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2)
-        body = nn.Sequential(_with_batchnorm(features), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        return Backbone(arch, image_size, body, 256)
-    raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
+        if layer is not None:
+            last = RESNET_LAYERS.index(layer)
+            for name in RESNET_LAYERS[last + 1:]:
+                setattr(net, name, nn.Identity())
+            embed_dim = _last_conv(getattr(net, layer)).out_channels
+        return Backbone(arch, image_size, net, embed_dim, layer)
+    features = models.alexnet(weights=None).features
+    if small:
+        features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2)
+    features = _with_batchnorm(features)
+    if layer is not None:
+        features = features[:_alexnet_stage_end(features, ALEXNET_LAYERS.index(layer))]
+    body = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Backbone(arch, image_size, body, _last_conv(features).out_channels, layer)
+
+
+def at_layer(backbone: Backbone, layer: str | None) -> Backbone:
+    """The same trained weights with the embedding taken at ``layer`` (the stages above it dropped)."""
+    out = build_backbone(backbone.arch, backbone.image_size, layer)
+    keep = out.state_dict().keys()
+    out.load_state_dict({k: v for k, v in backbone.state_dict().items() if k in keep})
+    return out.train(backbone.training)
+
+
+def _alexnet_stage_end(features: nn.Sequential, stage: int) -> int:
+    """Index just past conv ``stage``'s ReLU, and past its max-pool where one follows (pool1, 2, 5)."""
+    convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
+    end = convs[stage] + 3  # conv, BatchNorm, ReLU
+    return end + 1 if end < len(features) and isinstance(features[end], nn.MaxPool2d) else end
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
 
 
 def _with_batchnorm(features: nn.Sequential) -> nn.Sequential:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kt_edge import atomic
@@ -18,17 +19,21 @@ from kt_edge.models.backbones import Backbone, build_backbone
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "model.json"
+TIMM_PREFIX = "timm/"  # sidecar arch of an imported timm teacher: timm/<model name>
 
 
 def save_backbone(backbone: Backbone, folder: Path, **provenance) -> None:
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    # An old sidecar would vouch for the new weights if we stopped between the two writes.
+    (folder / SIDECAR).unlink(missing_ok=True)
     with atomic.atomic_path(folder / WEIGHTS) as tmp:
         save_file(state, str(tmp))
     atomic.write_json(folder / SIDECAR, {
         "arch": backbone.arch,
         "image_size": backbone.image_size,
         "embed_dim": backbone.embed_dim,
+        **({"layer": backbone.layer} if getattr(backbone, "layer", None) else {}),
         "resize": resize_for(backbone.image_size),
         "crop": backbone.image_size,
         "mean": list(MEAN),
@@ -42,9 +47,10 @@ def read_sidecar(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        card = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not UTF-8
         return None
+    return card if isinstance(card, dict) else None
 
 
 def load_backbone(folder: Path) -> tuple[Backbone, dict]:
@@ -53,13 +59,35 @@ def load_backbone(folder: Path) -> tuple[Backbone, dict]:
     card = read_sidecar(folder)
     if card is None or not (folder / WEIGHTS).is_file():
         raise CheckpointError(f"{folder}: no complete checkpoint ({WEIGHTS} + {SIDECAR})")
-    backbone = build_backbone(card["arch"], card["image_size"])
-    load_weights(backbone, load_file(str(folder / WEIGHTS)), source=str(folder / WEIGHTS))
+    try:
+        backbone = _rebuild(card)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / SIDECAR}: not a valid checkpoint sidecar ({exc!r})") from None
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{folder / WEIGHTS}: not a readable safetensors file ({exc})") from None
+    load_weights(backbone, state, source=str(folder / WEIGHTS))
     return backbone.eval(), card
 
 
+def _rebuild(card: dict) -> torch.nn.Module:
+    """The untrained model a sidecar describes: a backbone at its layer, or an imported timm teacher."""
+    if card["arch"].startswith(TIMM_PREFIX):
+        from kt_edge.models.importers import build_timm  # timm is optional, and importers uses this module
+
+        return build_timm(card["arch"].removeprefix(TIMM_PREFIX), card["image_size"])
+    return build_backbone(card["arch"], card["image_size"], card.get("layer"))
+
+
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
-    """load_state_dict that fails with the missing and unexpected keys named."""
+    """load_state_dict that fails with the missing, unexpected and wrongly shaped keys named."""
+    own = model.state_dict()
+    wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: "
+                              f"shapes differ (checkpoint vs model) for {_few(wrong)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(

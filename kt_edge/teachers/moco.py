@@ -1,4 +1,9 @@
-"""MoCo v2 (He et al. 2020; Chen et al. 2020): a momentum key encoder and a FIFO queue of keys."""
+"""MoCo v2 (He et al. 2020; Chen et al. 2020): a momentum key encoder and a FIFO queue of keys.
+
+Under data parallelism the key encoder sees a shuffled batch (shuffled BN, as the official code:
+its BN statistics then mix images of every rank, so they cannot leak which key is the positive),
+and every rank enqueues the keys of all ranks.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kt_edge.data.augment import TwoViews, moco_v2
+from kt_edge.engine.distributed import shuffle_batch, unshuffle_batch
 from kt_edge.engine.queue import FeatureQueue, check_queue_size
 from kt_edge.models.backbones import Backbone, mlp_head
 
@@ -53,7 +59,9 @@ class MoCo(nn.Module):
         q = F.normalize(self.head(self.backbone(query_view)).float(), dim=1)
         with torch.no_grad():
             self._momentum_update()
+            key_view, inverse = shuffle_batch(key_view)
             k = F.normalize(self.key_head(self.key_backbone(key_view)).float(), dim=1)
+            k = unshuffle_batch(k, inverse)
         loss = moco_loss(q, k, self.queue.items, self.temperature)
         self._keys = k
         return {"loss": loss}

@@ -1,5 +1,16 @@
-"""Distillation methods, by the name a recipe's ``distill.method`` uses."""
+"""Distillation methods, by the name a recipe's ``distill.method`` uses.
 
+A method may define ``needs(options) -> str | None``:
+
+- "pseudo_labels": the pipeline runs the cluster stage first, builds the training set with the
+  method's ``training_set(images, labels, options)`` and passes ``n_classes`` to the constructor;
+- "cached_features": the teacher is a ``CachedTeacher`` of extracted features and the batch's
+  label slot holds each image's index.
+"""
+
+from kt_edge.transfer.compress import Compress
+from kt_edge.transfer.pseudo_labels import ClusterTransfer
+from kt_edge.transfer.regress import Regress
 from kt_edge.transfer.seed import Seed
 
-DISTILLERS = {"seed": Seed}
+DISTILLERS = {"seed": Seed, "compress": Compress, "cluster": ClusterTransfer, "regress": Regress}

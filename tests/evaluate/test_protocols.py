@@ -15,6 +15,7 @@ from kt_edge.evaluate.protocols import (
     evaluate_model_detailed,
     evaluate_transfer,
     run_protocols,
+    transfer_splits,
 )
 from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import DataSource, EvalConfig, load_recipe, recipe_from_dict
@@ -201,6 +202,9 @@ def test_transfer_scores_another_labelled_dataset(tmp_path):
                             "transfer_cluster_acc", "transfer_cluster_nmi", "transfer_cluster_ari"}
     # colours are told apart even by random convolutions
     assert metrics["transfer_knn_k5_t0.07"] == 100.0 and metrics["transfer_linear_top1"] == 100.0
+    splits = transfer_splits(cfg, image_size=16)
+    assert [len(split) for split in splits] == [36, 18] and transfer_splits(EvalConfig(), 16) is None
+    assert evaluate_transfer(model, cfg, image_size=16, device="cpu", splits=splits) == metrics
 
     cfg.transfer.test = DataSource(path=_colour_folder(tmp_path / "other", {"red": COLOURS["red"], "grey": (128,) * 3},
                                                        2, seed=2))

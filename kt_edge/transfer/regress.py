@@ -1,0 +1,61 @@
+"""Feature regression, the simplest distillation baseline: the student regresses the teacher's embedding.
+
+The student's embedding goes through an MLP head to the teacher's dimension; both sides are
+L2-normalised and the loss is their squared distance, ||s - t||^2 = 2 - 2 cos(s, t) (the cosine
+form, as BYOL's regression loss), averaged over the batch. No queue, so any dataset size works.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from kt_edge.data.augment import moco_v2
+from kt_edge.models.backbones import Backbone, mlp_head
+from kt_edge.transfer.cached_teacher import check_teacher_source, teacher_embedding
+
+
+class RegressOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden: int = Field(default=2048, ge=8)
+    teacher_features: Literal["live", "cached"] = Field(
+        default="live", description="cached: un-augmented teacher features extracted once (kt-edge features)")
+
+
+class Regress(nn.Module):
+    """Regression: the student's head output matches the L2-normalised teacher embedding (2 - 2 cos)."""
+
+    Options = RegressOptions
+
+    def __init__(self, student: Backbone, teacher, options: dict, n_images: int):
+        super().__init__()
+        self.opts = RegressOptions(**options)
+        check_teacher_source(teacher, self.opts.teacher_features)
+        self.backbone = student
+        self.teacher = teacher
+        self.head = mlp_head(student.embed_dim, self.opts.hidden, teacher.embed_dim)
+
+    @staticmethod
+    def needs(options: dict) -> str | None:
+        return "cached_features" if options.get("teacher_features") == "cached" else None
+
+    @staticmethod
+    def train_transform(image_size: int):
+        return moco_v2(image_size)
+
+    def training_step(self, batch):
+        images, targets = batch
+        t = teacher_embedding(self.teacher, images, targets, self.opts.teacher_features)
+        s = self.head(self.backbone(images)).float()
+        loss = regress_loss(s, t)
+        return {"loss": loss, "cosine": 1 - loss.detach() / 2}
+
+
+def regress_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ||s/|s| - t/|t| ||^2, i.e. 2 - 2 cos(s, t); 0 when the directions agree."""
+    s, t = F.normalize(student, dim=1), F.normalize(teacher, dim=1)
+    return (s - t).pow(2).sum(dim=1).mean()

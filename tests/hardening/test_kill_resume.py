@@ -1,0 +1,146 @@
+"""A real training process killed at random steps, resumed each time, ends with the weights of an unkilled run.
+
+SIGKILL gives no warning: whatever the process was doing (a step, writing a resume point) is cut
+short, and `--resume` must continue from the last complete resume point. SIGTERM and SIGINT are
+the polite stops of a pre-empted machine: a resume point is written at once and the process exits
+130 saying how to go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_recipe_dict
+
+STEPS = 10
+TEACHER = {"arch": "alexnet", "method": "moco",
+           "train": {"epochs": 1, "max_steps": STEPS, "batch_size": 16, "lr": 0.05, "checkpoint_every": 2},
+           "options": {"queue": 32, "hidden": 32, "dim": 16, "momentum": 0.99}}
+
+
+def write_recipe(root: Path) -> Path:
+    data = tiny_recipe_dict(root / "runs", teacher=TEACHER, data={"train": {"path": tiny_recipe_dict("")["data"]
+                                                                            ["train"]["path"], "subset": 192}})
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def start(recipe: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kt_edge", "train-teacher", str(recipe), *extra], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def logged_steps(run_dir: Path) -> dict[int, dict]:
+    """The teacher's metrics by step, the later record of a step winning (a resumed run logs some again)."""
+    steps = {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cut short by SIGKILL
+            if record.get("stage") == "teacher":
+                steps[record["step"]] = record
+    return steps
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while max(logged_steps(run_dir), default=0) < step:
+        if proc.poll() is not None:
+            pytest.fail(f"training exited ({proc.returncode}) before step {step}: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no step {step} within {timeout} s")
+        time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+def resume_step(run_dir: Path) -> int:
+    return int(torch.load(run_dir / "teacher" / "resume.pt", weights_only=True)["step"])
+
+
+def assert_same_as_reference(run_dir: Path, reference: Path) -> None:
+    ours = load_file(run_dir / "teacher" / "model.safetensors")
+    theirs = load_file(reference / "teacher" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+    # every step, redone or not, computed the same loss as the uninterrupted run
+    ours_log, theirs_log = logged_steps(run_dir), logged_steps(reference)
+    assert sorted(ours_log) == list(range(1, STEPS + 1))
+    assert [ours_log[s]["loss"] for s in ours_log] == [theirs_log[s]["loss"] for s in ours_log]
+    assert not list((run_dir / "teacher").glob(".*.tmp")), "temp files left behind"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, started in the background while the tests below kill theirs."""
+    root = tmp_path_factory.mktemp("reference")
+    proc = start(write_recipe(root))
+    yield lambda: (finish(proc), root / "runs" / "tiny")[1]
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _reference_dir(reference) -> Path:
+    run_dir = reference()
+    assert (run_dir / "teacher" / "model.json").is_file(), "the reference run did not finish"
+    return run_dir
+
+
+def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
+    recipe, run_dir = write_recipe(tmp_path), tmp_path / "runs" / "tiny"
+    rng = random.Random(int(os.environ.get("KT_EDGE_KILL_SEED", time.time_ns())))
+    kills = sorted(rng.sample(range(1, STEPS - 1), 2))
+    for target in kills:
+        proc = start(recipe, "--resume")
+        wait_for_step(proc, run_dir, target)
+        time.sleep(rng.uniform(0, 0.5))  # anywhere in the next step or its resume point
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        # a killed stage is never taken as complete
+        assert not (run_dir / "teacher" / "model.json").exists(), f"kills at {kills}"
+
+    code, err = finish(start(recipe, "--resume"))
+    assert code == 0, err
+    assert_same_as_reference(run_dir, _reference_dir(reference))
+
+
+def test_sigterm_and_sigint_write_a_resume_point_and_exit_130(tmp_path, reference):
+    recipe, run_dir = write_recipe(tmp_path), tmp_path / "runs" / "tiny"
+    for sig, at in ((signal.SIGINT, 3), (signal.SIGTERM, 6)):
+        proc = start(recipe, "--resume")
+        wait_for_step(proc, run_dir, at)
+        proc.send_signal(sig)
+        code, err = finish(proc)
+        assert code == 130, err
+        stopped = resume_step(run_dir)
+        assert at <= stopped < STEPS
+        assert f"stopped by {sig.name} at step {stopped}/{STEPS}" in err
+        assert "--resume" in err
+        assert max(logged_steps(run_dir)) == stopped  # the resume point holds the last step it logged
+        assert not (run_dir / "teacher" / "model.json").exists()
+
+    code, err = finish(start(recipe, "--resume"))
+    assert code == 0, err
+    assert_same_as_reference(run_dir, _reference_dir(reference))
