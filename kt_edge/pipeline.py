@@ -185,13 +185,16 @@ def features_stage(recipe: Recipe, split: str = "train") -> FeatureStore:
         store = FeatureStore.open(out)
     except DataError:  # absent or unfinished: extract (finished shards of the same inputs are kept)
         store = None
+    distributed.barrier()  # every rank has looked before rank 0 may clear stale shards
     if store is not None and store.fingerprint == inputs:
-        console.print(f"features: {split} up to date in {out}")
+        if distributed.is_main():
+            console.print(f"features: {split} up to date in {out}")
         return store
     images = open_source(source, recipe.seed).with_transform(eval_transform(recipe.data.image_size))
     store = extract(load_backbone(teacher_dir)[0], images, out, device=resolve_device(recipe.device),
                     workers=recipe.data.workers, fingerprint=inputs)
-    console.print(f"features: {store.n} x {store.dim} teacher features of {FEATURE_SPLITS[split]} -> {out}")
+    if distributed.is_main():
+        console.print(f"features: {store.n} x {store.dim} teacher features of {FEATURE_SPLITS[split]} -> {out}")
     return store
 
 
@@ -208,11 +211,15 @@ def cluster_stage(recipe: Recipe) -> Path:
     run_dir = prepare(recipe)
     out, inputs, cfg = run_dir / "clusters", cluster_inputs(recipe), recipe.cluster
     report_path = out / "report.json"
-    if (report_path.is_file() and json.loads(report_path.read_text()).get("inputs") == inputs
-            and (out / "pseudo_labels.npy").is_file()):
-        console.print(f"clusters: up to date in {out}")
+    done = (report_path.is_file() and json.loads(report_path.read_text()).get("inputs") == inputs
+            and (out / "pseudo_labels.npy").is_file())
+    distributed.barrier()  # every rank has looked before rank 0 rewrites
+    if done:
+        if distributed.is_main():
+            console.print(f"clusters: up to date in {out}")
         return out
-    report_path.unlink(missing_ok=True)  # it marks the stage complete: never beside a half-rewritten one
+    if distributed.is_main():
+        report_path.unlink(missing_ok=True)  # it marks the stage complete: never beside a half-rewritten one
     store = features_stage(recipe, "train")
     if cfg.k > store.n:
         raise DataError(f"cluster.k {cfg.k} is more than the {store.n} images of data.train; lower cluster.k")
@@ -220,13 +227,16 @@ def cluster_stage(recipe: Recipe) -> Path:
     if cfg.pca_dim is not None and (cfg.pca_dim > store.dim or cfg.pca_dim >= n_fit):
         raise DataError(f"cluster.pca_dim {cfg.pca_dim} must be at most the feature dim {store.dim} and below "
                         f"the {n_fit} points k-means is fitted on; lower it or unset it")
+    sets = {"data.train": store}
+    if cfg.assign_to is not None:
+        sets["cluster.assign_to"] = features_stage(recipe, "assign_to")
+    if not distributed.is_main():  # every rank helps extract; rank 0 alone clusters and writes
+        distributed.barrier()
+        return out
     model, _ = fit_clusters(store, cfg.k, pca_dim=cfg.pca_dim, normalize=cfg.normalize, niter=cfg.niter,
                             seed=recipe.seed, max_points_per_centroid=cfg.max_points_per_centroid,
                             use_gpu=cfg.use_gpu)
     save_centroids(out / "centroids.npy", model)
-    sets = {"data.train": store}
-    if cfg.assign_to is not None:
-        sets["cluster.assign_to"] = features_stage(recipe, "assign_to")
     target = "cluster.assign_to" if cfg.assign_to is not None else "data.train"
     reports, assigned = {}, {}
     for name, features in sets.items():
@@ -237,6 +247,7 @@ def cluster_stage(recipe: Recipe) -> Path:
     atomic.write_json(report_path, {"inputs": inputs, "k": cfg.k, "pseudo_labels_of": target,
                                     "kmeans": model.meta, "sets": reports})
     _print_cluster_table(reports)
+    distributed.barrier()
     return out
 
 
@@ -255,8 +266,7 @@ def _print_cluster_table(reports: dict) -> None:
 def _pseudo_labelled(recipe: Recipe) -> Images:
     """The cluster stage's pseudo-labels on the images they label (running features and cluster if needed)."""
     labels = np.load(cluster_stage(recipe) / "pseudo_labels.npy")
-    source = recipe.cluster.assign_to or recipe.data.train
-    images = open_source(source, recipe.seed)
+    images = training_images(recipe, recipe.cluster.assign_to)
     if len(labels) != len(images):
         raise DataError(f"{len(labels)} pseudo-labels for {len(images)} images of {images.name}: "
                         f"delete {recipe.run_dir / 'clusters'} and run again")

@@ -8,6 +8,7 @@ contiguous slice of it, so a recipe means the same thing on one GPU or eight.
 
 from __future__ import annotations
 
+import inspect
 import os
 from datetime import timedelta
 
@@ -142,6 +143,7 @@ def step_function(method: nn.Module, device: torch.device):
     """
     if not active():
         return method.training_step
-    return nn.parallel.DistributedDataParallel(
-        _TrainingStep(method), device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    no_buffer_sync = ({"forward_sync_buffers": False}  # the name from torch 2.14 on
+                      if "forward_sync_buffers" in inspect.signature(ddp).parameters else {"broadcast_buffers": False})
+    return ddp(_TrainingStep(method), device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -95,11 +96,11 @@ def read_checkpoint(path: Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
-            unsupported = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
-            raise CheckpointError(f"{path}: refused, the pickle holds more than weights "
-                                  f"(loaded with weights_only=True). {unsupported}".rstrip()) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (UnpicklingError: {exc})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise CheckpointError(f"{path}: refused, the pickle holds more than weights: it would call "
+                                  f"{found.group(1)} (read with weights_only=True)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (the pickle is damaged or not one)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

@@ -27,7 +27,7 @@ def test_built_from_the_cpu_transform_with_its_parameters():
     assert [type(op) for op in small.ops] == [ResizedCrop, Jitter, Grayscale, Flip, Normalize]
     crop, jitter, gray, flip, norm = small.ops
     assert crop.size == (32, 32) and crop.scale == (0.2, 1.0) and crop.mode == "bilinear"
-    assert jitter.p == 0.8 and jitter.ranges[0] == [0.6, 1.4] and jitter.ranges[3] == [-0.1, 0.1]
+    assert jitter.p == 0.8 and tuple(jitter.ranges[0]) == (0.6, 1.4) and tuple(jitter.ranges[3]) == (-0.1, 0.1)
     assert gray.p == 0.2 and flip.p == 0.5 and norm.mean == MEAN and small.views == 1
     big = BatchAugment.from_transform(TwoViews(moco_v2(224)))
     blur = next(op for op in big.ops if isinstance(op, Blur))
@@ -64,15 +64,18 @@ def test_every_image_of_a_batch_gets_its_own_crop_and_jitter():
 
 def test_crop_boxes_follow_torchvision_random_resized_crop():
     crop = BatchAugment.from_transform(moco_v2(32)).ops[0]
-    u = torch.rand(20000, crop.draws, generator=torch.Generator().manual_seed(0))
+    n = 5000
+    u = torch.rand(n, crop.draws, generator=torch.Generator().manual_seed(0))
     top, left, h, w = crop.boxes(u, 48, 64)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 48).all() and (left + w <= 64).all()
-    ours = (h * w / (48 * 64)).numpy()
+    assert (h >= 1).all() and (w >= 1).all() and torch.equal(h, h.round()) and torch.equal(top, top.round())
     torch.manual_seed(0)
-    ref = np.array([np.prod(T.RandomResizedCrop.get_params(torch.empty(3, 48, 64), [0.2, 1.0], [3 / 4, 4 / 3])[2:])
-                    for _ in range(20000)]) / (48 * 64)
-    assert abs(ours.mean() - ref.mean()) < 0.01 and abs(np.median(ours) - np.median(ref)) < 0.015
-    assert abs((w / h).log().mean().item()) < 0.02  # log aspect ratio symmetric around 0
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, 48, 64), [0.2, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(n)], dtype=torch.float32)  # rows (top, left, h, w)
+    for ours, theirs, tol in (((h * w / (48 * 64)), ref[:, 2] * ref[:, 3] / (48 * 64), 0.02),  # area fraction
+                              ((w / h).log(), (ref[:, 3] / ref[:, 2]).log(), 0.015),  # log aspect ratio
+                              ((left + w / 2) / 64, (ref[:, 1] + ref[:, 3] / 2) / 64, 0.01)):  # horizontal centre
+        assert abs(ours.mean() - theirs.mean()) < tol and abs(ours.median() - theirs.median()) < 2 * tol
 
 
 def test_crop_resize_matches_torchvision_resized_crop_inside_the_box():
@@ -135,7 +138,6 @@ def test_grayscale_and_flip_pick_their_images_by_probability():
         torch.testing.assert_close(gray[i], TF.rgb_to_grayscale(x[i], num_output_channels=3), atol=1e-6, rtol=0)
     flip = Flip(0.5)(x, torch.tensor([[0.2], [0.7], [0.49], [0.51]]))
     assert torch.equal(flip[0], x[0].flip(-1)) and torch.equal(flip[1], x[1]) and torch.equal(flip[2], x[2].flip(-1))
-    assert Grayscale(0.2)(x, torch.rand(4000, 1)[:4]).shape == x.shape
     rate = (torch.rand(20000, generator=torch.Generator().manual_seed(1)) < 0.2).float().mean()
     assert math.isclose(rate, 0.2, abs_tol=0.01)
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from transfer_kit import sample_batch, tiny_backbone, train_steps
 
 from kt_edge.errors import DataError, RecipeError
 from kt_edge.models.frozen import FrozenTeacher
@@ -48,12 +49,12 @@ def test_compress_loss_2q_uses_the_student_bank_and_its_temperature():
     assert compress_loss(t, t, teacher_bank, teacher_bank, 0.04, 0.04).item() == pytest.approx(0, abs=1e-6)
 
 
-def test_1q_compares_the_student_with_the_teacher_bank_and_enqueues_after_the_loss(tiny_backbone, sample_batch):
+def test_1q_compares_the_student_with_the_teacher_bank_and_enqueues_after_the_loss():
     torch.manual_seed(0)
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
     method = Compress(tiny_backbone(), teacher, {"variant": "1q", "bank": 40, "tau_student": 0.1}, n_images=100)
     assert method.head.out_features == 48 and not hasattr(method, "student_bank")
-    x, labels = sample_batch
+    x, labels = sample_batch()
     bank_before = method.teacher_bank.items.clone()
     loss = method.training_step((x, labels))["loss"]
     t = F.normalize(teacher(x), dim=1)
@@ -65,14 +66,14 @@ def test_1q_compares_the_student_with_the_teacher_bank_and_enqueues_after_the_lo
     assert torch.equal(method.teacher_bank.items[32:], bank_before[32:]) and int(method.teacher_bank.ptr) == 32
 
 
-def test_2q_fills_the_student_bank_from_the_momentum_student(tiny_backbone, sample_batch):
+def test_2q_fills_the_student_bank_from_the_momentum_student():
     torch.manual_seed(0)
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
     method = Compress(tiny_backbone(), teacher, {"variant": "2q", "bank": 40, "dim": 16, "momentum": 0.5},
                       n_images=100)
     assert all(not p.requires_grad for p in method.momentum_backbone.parameters())
     assert all(not p.requires_grad for p in method.momentum_head.parameters())
-    x, labels = sample_batch
+    x, labels = sample_batch()
     ema_before = copy.deepcopy((method.momentum_backbone, method.momentum_head))
     expected_keys = F.normalize(ema_before[1](ema_before[0](x)), dim=1)  # train-mode BN, as in the step
     loss = method.training_step((x, labels))["loss"]
@@ -93,22 +94,22 @@ def test_2q_fills_the_student_bank_from_the_momentum_student(tiny_backbone, samp
 
 
 @pytest.mark.parametrize("variant", ["1q", "2q"])
-def test_loss_falls_over_a_few_steps(variant, tiny_backbone, sample_batch, train_steps):
+def test_loss_falls_over_a_few_steps(variant):
     torch.manual_seed(0)
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
     method = Compress(tiny_backbone(), teacher, {"variant": variant, "bank": 64}, n_images=1000)
-    losses = train_steps(method, sample_batch, steps=8)
+    losses = train_steps(method, sample_batch(), steps=8)
     # from step 2 on the bank holds this batch's anchors (64 = 2 x 32), so what changes is the student
     assert losses[-1] < 0.8 * losses[2], losses
 
 
-def test_bank_not_smaller_than_the_dataset_is_refused(tiny_backbone):
+def test_bank_not_smaller_than_the_dataset_is_refused():
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
     with pytest.raises(DataError, match="distill.options.bank 128000 is not smaller than the 50000"):
         Compress(tiny_backbone(), teacher, {}, n_images=50000)
 
 
-def test_cached_option_needs_cached_features(tiny_backbone):
+def test_cached_option_needs_cached_features():
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
     with pytest.raises(ValueError, match="teacher_features is 'cached'"):
         Compress(tiny_backbone(), teacher, {"bank": 8, "teacher_features": "cached"}, n_images=100)

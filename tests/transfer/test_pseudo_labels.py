@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from transfer_kit import sample_batch, tiny_backbone, train_steps
 
 from kt_edge.data.augment import SeededViews
 from kt_edge.data.sources import ArrayImages
@@ -11,8 +12,8 @@ from kt_edge.transfer.cluster import fit_clusters
 from kt_edge.transfer.pseudo_labels import ClusterBalanced, ClusterTransfer
 
 
-def test_loss_falls_on_real_images_with_teacher_pseudo_labels(tiny_backbone, sample_batch, train_steps):
-    x, _ = sample_batch
+def test_loss_falls_on_real_images_with_teacher_pseudo_labels():
+    x, _ = sample_batch()
     torch.manual_seed(1)
     teacher = tiny_backbone(48)
     feats, _ = embed(teacher, torch.utils.data.TensorDataset(x, torch.zeros(len(x))), progress=False)
@@ -27,7 +28,7 @@ def test_loss_falls_on_real_images_with_teacher_pseudo_labels(tiny_backbone, sam
     assert method.training_step((x, torch.from_numpy(pseudo)))["accuracy"] > 0.5
 
 
-def test_more_classes_than_images_is_refused(tiny_backbone):
+def test_more_classes_than_images_is_refused():
     with pytest.raises(ValueError, match="2..10 pseudo-classes, got 11"):
         ClusterTransfer(tiny_backbone(), None, {}, n_images=10, n_classes=11)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
+from transfer_kit import sample_batch, tiny_backbone, train_steps
 
 from kt_edge.features import extract
 from kt_edge.models.frozen import FrozenTeacher
@@ -21,17 +22,17 @@ def test_regress_loss_is_two_minus_two_cosine_of_the_normalised_vectors():
     assert torch.allclose(regress_loss(s, t), (2 - 2 * F.cosine_similarity(s, t)).mean(), atol=1e-5)
 
 
-def test_loss_falls_over_a_few_steps(tiny_backbone, sample_batch, train_steps):
+def test_loss_falls_over_a_few_steps():
     torch.manual_seed(0)
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
     method = Regress(tiny_backbone(), teacher, {"hidden": 64}, n_images=32)
     assert method.head[-1].out_features == 48
-    losses = train_steps(method, sample_batch, steps=8)
+    losses = train_steps(method, sample_batch(), steps=8)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_cached_features_are_looked_up_by_the_index_in_the_label_slot(tmp_path, tiny_backbone, sample_batch):
-    x, _ = sample_batch
+def test_cached_features_are_looked_up_by_the_index_in_the_label_slot(tmp_path):
+    x, _ = sample_batch()
     features = torch.randn(50, 24)
     store = extract(torch.nn.Identity(), TensorDataset(features, torch.full((50,), -1)), tmp_path / "f",
                     shard_size=16, progress=False)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import SAMPLE, tiny_recipe_dict
 from typer.testing import CliRunner
 
-from conftest import SAMPLE, tiny_recipe_dict
 from kt_edge.cli import app
 from kt_edge.features import FeatureStore
 from kt_edge.models.backbones import build_backbone
@@ -36,6 +36,7 @@ def recipe_dict(root, **sections):
                             **sections)
     data["data"]["train"]["subset"] = 96
     data["data"]["test"]["subset"] = 40
+    data["data"]["image_size"] = 16  # the smallest size a recipe takes: a quarter of the compute of 32 px
     data["cluster"] = {"k": K, "use_gpu": False,
                        "assign_to": {"path": str(SAMPLE / "test"), "subset": 48}}
     return data
@@ -49,7 +50,7 @@ def run(tmp_path_factory):
     path.write_text(yaml.safe_dump(recipe_dict(root)))
     recipe = load_recipe(path)
     torch.manual_seed(0)
-    save_backbone(build_backbone("alexnet", 32), recipe.run_dir / "teacher", stage="teacher", method="random-init",
+    save_backbone(build_backbone("alexnet", 16), recipe.run_dir / "teacher", stage="teacher", method="random-init",
                   inputs=teacher_inputs(recipe))
     outputs = {"features": invoke("features", path), "features-test": invoke("features", path, "--split", "test"),
                "cluster": invoke("cluster", path)}

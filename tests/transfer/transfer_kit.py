@@ -1,22 +1,21 @@
-"""Fixtures for the transfer tests: a tiny conv backbone, a fixed batch of real sample images, a step loop.
-
-Helpers are fixtures (not imports): ``conftest`` as a module name means the top-level tests/conftest.py.
-"""
+"""Helpers of the transfer tests: a tiny conv backbone, a fixed batch of real sample images, a step loop."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
+from kt_edge.data.augment import eval_transform
+from kt_edge.data.sources import open_images
 from kt_edge.models.backbones import Backbone
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "cifar10"
 
 
-def _tiny_backbone(dim: int = 32) -> Backbone:
+def tiny_backbone(dim: int = 32) -> Backbone:
     """A two-conv network behind the real ``Backbone`` interface: the methods run unchanged, in milliseconds."""
     body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                          nn.Conv2d(16, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
@@ -24,26 +23,17 @@ def _tiny_backbone(dim: int = 32) -> Backbone:
     return Backbone("tiny", 32, body, dim)
 
 
-@pytest.fixture
-def tiny_backbone():
-    return _tiny_backbone
-
-
-@pytest.fixture(scope="session")
-def sample_batch():
+@lru_cache(maxsize=1)
+def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """32 real CIFAR-10 sample images (eval view, 32 px) and their true labels."""
-    from kt_edge.data.augment import eval_transform
-    from kt_edge.data.sources import open_images
-
     images = open_images(SAMPLE / "train", subset=32, seed=0).with_transform(eval_transform(32))
     x = torch.stack([images[i][0] for i in range(len(images))])
     return x, torch.as_tensor(images.labels)
 
 
-def _train_steps(method: nn.Module, batch, steps: int, lr: float = 3e-3) -> list[float]:
-    """Run the trainer's per-step protocol (step, backward, update, after_step) on one fixed batch."""
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+def train_steps(method: nn.Module, batch, steps: int, lr: float = 3e-3) -> list[float]:
+    """The trainer's per-step protocol (step, backward, update, after_step) on one fixed batch; the losses."""
+    optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
         loss = method.training_step(batch)["loss"]
@@ -54,8 +44,3 @@ def _train_steps(method: nn.Module, batch, steps: int, lr: float = 3e-3) -> list
             method.after_step(step, steps)
         losses.append(loss.item())
     return losses
-
-
-@pytest.fixture
-def train_steps():
-    return _train_steps

@@ -1,0 +1,336 @@
+"""Training throughput: images/s, achieved TFLOP/s and the fraction of the GPU's dense bf16 peak.
+
+Side by side in one run, each through the project's own code paths:
+
+  data     the data path alone, images/s it can feed the model (SEED's one-view MoCo v2 augmentation):
+           batched (uint8 cache rows -> device -> BatchAugment), per-sample from the JPEG files
+           (DataLoader workers decode and run torchvision MoCo v2), per-sample from the cache
+  seed     SEED distillation, ResNet-50 teacher (frozen; bf16 on GPU) -> ResNet-18 student, at 224 px
+           (Imagenette) and 32 px (CIFAR-10), trained by kt_edge.engine.trainer.train on both data paths
+  moco     MoCo v2 teacher training: ResNet-50 at 224 px and ResNet-18 at 32 px, batched data path
+  extract  ResNet-50 feature extraction: features.extract end to end from the cache, and the model
+           alone on device tensors
+
+Training images/s come from the median interval between logged steps after warm-up, so they
+include data loading; FLOPs per image come from torch.utils.flop_counter on one step (forward and
+backward, the frozen teacher included) and give the achieved TFLOP/s. Networks are randomly
+initialised: speed does not depend on the weights. Results: benchmarks/results/throughput-<machine>.json.
+
+    python benchmarks/throughput.py                          # sized for the device found
+    python benchmarks/throughput.py --only seed,data --steps 60 --batch-224 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kt_edge.atomic import write_json  # noqa: E402
+from kt_edge.data.augment import MEAN, STD, SeededViews, moco_v2  # noqa: E402
+from kt_edge.data.cache import cached_source  # noqa: E402
+from kt_edge.data.feed import ArrayBatches  # noqa: E402
+from kt_edge.data.gpu_augment import BatchAugment  # noqa: E402
+from kt_edge.data.sources import open_source  # noqa: E402
+from kt_edge.engine.device import resolve_device  # noqa: E402
+from kt_edge.engine.trainer import train  # noqa: E402
+from kt_edge.features import extract  # noqa: E402
+from kt_edge.models.backbones import build_backbone  # noqa: E402
+from kt_edge.models.frozen import FrozenTeacher  # noqa: E402
+from kt_edge.recipe import DataSource, TrainConfig  # noqa: E402
+from kt_edge.teachers.moco import MoCo  # noqa: E402
+from kt_edge.transfer.seed import Seed  # noqa: E402
+
+SECTIONS = ("data", "seed", "moco", "extract")
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets; the first name fragment found wins.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+TARGET_SEED_224 = 5000  # images/s, SEED R50 -> R18 at 224 px on one H100, data loading included
+DEFAULTS = {  # per device type: global batch at 224 / 32 px, images per data set, steps, warm-up steps, workers
+    "cuda": {"batch_224": 256, "batch_32": 512, "subset_224": None, "subset_32": None, "steps": 40, "warmup": 10,
+             "workers": min(12, os.cpu_count() or 1)},
+    "cpu": {"batch_224": 4, "batch_32": 32, "subset_224": 96, "subset_32": 384, "steps": 6, "warmup": 2,
+            "workers": min(2, os.cpu_count() or 1)},
+}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_tflops(gpu: str | None) -> float | None:
+    if gpu is None:
+        return None
+    return next((peak for fragment, peak in PEAK_BF16_TFLOPS if fragment in gpu), None)
+
+
+def machine(device: torch.device) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": gpu or f"CPU: {cpu_model()}", "gpu": gpu, "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "peak_bf16_tflops": peak_tflops(gpu),
+            "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- models and FLOPs
+
+
+def seed_method(size: int, n_images: int, device: torch.device) -> Seed:
+    teacher = FrozenTeacher(build_backbone("resnet50", size), device)
+    return Seed(build_backbone("resnet18", size), teacher, {"queue": queue_size(n_images)}, n_images)
+
+
+def moco_method(size: int, n_images: int) -> MoCo:
+    arch = "resnet50" if size > 64 else "resnet18"
+    return MoCo(build_backbone(arch, size), {"queue": queue_size(n_images)}, n_images)
+
+
+def queue_size(n_images: int) -> int:
+    """The official 65536, or the largest power of two below half the data set (queues must be smaller)."""
+    return min(65536, 2 ** int(np.log2(max(2, n_images // 2))))
+
+
+def step_flops(method, size: int, views: int, n: int = 2) -> float:
+    """FLOPs of one training step (forward + backward, teacher included) per image, on the CPU in fp32."""
+    method.train()
+    images = torch.randn(n, 3, size, size)
+    batch = ((images, images.clone()) if views == 2 else images), torch.zeros(n, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        method.training_step(batch)["loss"].backward()
+    return counter.get_total_flops() / n
+
+
+def forward_flops(model, size: int, n: int = 2) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.randn(n, 3, size, size))
+    return counter.get_total_flops() / n
+
+
+def with_compute(result: dict, flops_per_image: float, peak: float | None) -> dict:
+    achieved = flops_per_image * result["images_per_s"] / 1e12
+    result.update(gflops_per_image=flops_per_image / 1e9, achieved_tflops=achieved,
+                  fraction_of_bf16_peak=achieved / peak if peak else None)
+    return result
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def data_rate(kind: str, images, size: int, batch: int, steps: int, warmup: int, device, workers: int) -> dict:
+    """images/s one data path delivers to the device, augmented and ready for the model."""
+    sampler = torch.utils.data.RandomSampler(images, replacement=True, num_samples=steps * batch,
+                                             generator=torch.Generator().manual_seed(0))
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda")
+    if kind == "batched":
+        augment = BatchAugment.from_transform(moco_v2(size))
+        loader = torch.utils.data.DataLoader(
+            ArrayBatches(images, augment, 0, size), batch_size=None,
+            sampler=torch.utils.data.BatchSampler(sampler, batch, drop_last=True), **common)
+        fetch = lambda b: augment(b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True))  # noqa
+    else:
+        loader = torch.utils.data.DataLoader(SeededViews(images.with_transform(moco_v2(size)), 0), batch_size=batch,
+                                             sampler=sampler, drop_last=True, **common)
+        fetch = lambda b: b[0].to(device, non_blocking=True)  # noqa: E731
+    started = None
+    for i, b in enumerate(loader):
+        out = fetch(b)
+        if i == warmup - 1:
+            sync(device)
+            started = time.perf_counter()
+    out.sum().item()
+    seconds = time.perf_counter() - started
+    return {"images_per_s": (steps - warmup) * batch / seconds, "batches_timed": steps - warmup, "batch": batch}
+
+
+def train_rate(name: str, method, data, size: int, batch: int, steps: int, warmup: int, augment: str, device,
+               workers: int, folder: Path, compile_: bool) -> dict:
+    """images/s of the real training loop: the median interval between its logged steps after warm-up."""
+    cfg = TrainConfig(epochs=10**6, max_steps=steps, batch_size=batch, lr=0.01, checkpoint_every=10**9,
+                      compile=compile_)
+    run = folder / f"{name}-{augment}"
+    train(method, data, cfg, run, stage=name, seed=0, device=device, image_size=size, workers=workers,
+          metrics_path=run / "metrics.jsonl", augment=augment)
+    times = [json.loads(line)["time"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    intervals = np.diff(times)[warmup - 1:]
+    median = statistics.median(intervals)
+    return {"images_per_s": batch / median, "step_seconds_median": median, "steps_timed": len(intervals),
+            "batch": batch}
+
+
+def extract_rate(images, size: int, batch: int, device, workers: int, folder: Path) -> dict:
+    """End to end: cached uint8 rows -> tensors in workers -> ResNet-50 (bf16 on GPU) -> fp16 shards."""
+    model = build_backbone("resnet50", size)
+    dataset = images.with_transform(T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)]))
+    started = time.perf_counter()
+    store = extract(model, dataset, folder / "features", batch_size=batch, device=device, workers=workers,
+                    progress=False)
+    seconds = time.perf_counter() - started
+    return {"images_per_s": store.n / seconds, "images": store.n, "batch": batch}
+
+
+def model_rate(size: int, batch: int, device, repeats: int) -> dict:
+    """The ResNet-50 forward alone on device tensors (channels-last, bf16 autocast on GPU)."""
+    model = build_backbone("resnet50", size).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.inference_mode(), autocast:
+        model(x)
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+        sync(device)
+    return {"images_per_s": repeats * batch / (time.perf_counter() - started), "batch": batch}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def datasets(args, size: int, subset: int | None, cache_dir: Path):
+    """(JPEG files, their uint8 cache) for one resolution: Imagenette train at 224 px, CIFAR-10 train at 32."""
+    folder = args.data / ("imagenette" if size > 64 else "cifar10") / "train"
+    if not folder.is_dir():
+        raise SystemExit(f"data folder not found: {folder} (set --data or KT_EDGE_SHARED_DATA)")
+    source = DataSource(path=folder, subset=subset)
+    return open_source(source, seed=0), cached_source(source, size, 0, cache_dir, workers=args.workers,
+                                                      progress=False)
+
+
+def run(args) -> dict:
+    device = resolve_device(args.device)
+    peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    report = {"benchmark": "throughput", "machine": machine(device), "params": {}, "data": {}, "train": {},
+              "extract": {}}
+    sizes = {224: (args.batch_224, args.subset_224), 32: (args.batch_32, args.subset_32)}
+    with tempfile.TemporaryDirectory(prefix="kt-edge-throughput-") as tmp:
+        tmp = Path(tmp)
+        cache_dir = args.cache_dir or tmp / "cache"
+        for size, (batch, subset) in sizes.items():
+            files, cached = datasets(args, size, subset, cache_dir)
+            n, key = len(cached), f"{size}px"
+            report["params"][key] = {"images": n, "batch": batch, "queue": queue_size(n), "source": str(cached.name)}
+            if "data" in args.only:
+                report["data"][key] = {
+                    kind: data_rate(kind, images, size, batch, args.steps, args.warmup, device, args.workers)
+                    for kind, images in (("batched", cached), ("per_sample_files", files),
+                                         ("per_sample_cache", cached))}
+                print(f"data {key}: " + ", ".join(f"{k} {v['images_per_s']:.0f} img/s"
+                                                   for k, v in report["data"][key].items()), flush=True)
+            if "seed" in args.only:
+                flops = step_flops(seed_method(size, n, torch.device("cpu")), size, views=1)
+                rows = {}
+                for augment, data in (("batched", cached), ("per_sample", files)):
+                    torch.manual_seed(0)
+                    rows[augment] = with_compute(train_rate(
+                        f"seed-{size}", seed_method(size, n, device), data, size, batch, args.steps, args.warmup,
+                        augment, device, args.workers, tmp, args.compile), flops, peak)
+                report["train"][f"seed_r50_to_r18_{key}"] = rows
+                print(f"seed r50->r18 {key}: " + ", ".join(
+                    f"{k} {v['images_per_s']:.1f} img/s ({v['achieved_tflops']:.3f} TFLOP/s)" for k, v in rows.items()),
+                    flush=True)
+            if "moco" in args.only:
+                flops = step_flops(moco_method(size, n), size, views=2)
+                torch.manual_seed(0)
+                row = with_compute(train_rate(f"moco-{size}", moco_method(size, n), cached, size, batch, args.steps,
+                                              args.warmup, "batched", device, args.workers, tmp, args.compile),
+                                   flops, peak)
+                report["train"][f"moco_v2_{'r50' if size > 64 else 'r18'}_{key}"] = {"batched": row}
+                print(f"moco v2 {key}: {row['images_per_s']:.1f} img/s ({row['achieved_tflops']:.3f} TFLOP/s)",
+                      flush=True)
+            if "extract" in args.only:
+                flops = forward_flops(build_backbone("resnet50", size), size)
+                report["extract"][f"r50_{key}"] = {
+                    "end_to_end": with_compute(extract_rate(cached, size, batch, device, args.workers, tmp / key),
+                                               flops, peak),
+                    "model_only": with_compute(model_rate(size, batch, device, max(3, args.steps - args.warmup)),
+                                               flops, peak)}
+                print(f"extract r50 {key}: " + ", ".join(f"{k} {v['images_per_s']:.1f} img/s"
+                                                          for k, v in report["extract"][f"r50_{key}"].items()),
+                      flush=True)
+    seed_224 = report["train"].get("seed_r50_to_r18_224px", {}).get("batched")
+    gpu = report["machine"]["gpu"] or ""
+    report["target"] = {"seed_r50_to_r18_224px_images_per_s": TARGET_SEED_224, "on": "one H100",
+                        "measured": seed_224["images_per_s"] if seed_224 else None,
+                        "met": (seed_224["images_per_s"] >= TARGET_SEED_224) if seed_224 and "H100" in gpu else None}
+    report["params"].update(steps=args.steps, warmup=args.warmup, workers=args.workers, compile=args.compile,
+                            device=str(device), amp_bf16=device.type == "cuda", channels_last=device.type == "cuda")
+    report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    report["notes"] = [
+        "training images/s: global batch / median interval between logged optimiser steps after warm-up, "
+        "data loading included; the first epoch's DataLoader start is inside the warm-up",
+        "FLOPs: torch.utils.flop_counter on one step at batch 2 (fp32, CPU), per image; achieved TFLOP/s = "
+        "FLOPs per image x images/s; the fraction of peak uses the dense bf16 peak of the GPU (none on CPU)",
+        "on CPU the batched path augments on the CPU in the main process: its figures show the code path "
+        "works, not what it gains on a GPU",
+    ]
+    return report
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    shared = os.environ.get("KT_EDGE_SHARED_DATA", str(REPO.parent / "shared" / "data"))
+    p.add_argument("--data", type=Path, default=Path(shared), help="folder with imagenette/ and cifar10/ trees")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
+    for key in ("batch_224", "batch_32", "subset_224", "subset_32", "steps", "warmup", "workers"):
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: sized for the device")
+    p.add_argument("--compile", action="store_true", help="train with torch.compile (train.compile: true)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="keep image caches here (default: a temp folder)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/throughput-<machine>.json)")
+    args = p.parse_args(argv)
+    args.only = [s for s in args.only.split(",") if s]
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    defaults = DEFAULTS[resolve_device(args.device).type]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup < 1 or args.steps <= args.warmup:
+        p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), which must be at least 1")
+    return args
+
+
+def main(argv=None) -> Path:
+    args = parse(argv)
+    report = run(args)
+    name = slug(report["machine"]["gpu"] or "cpu-" + report["machine"]["cpu"])
+    out = args.out or REPO / "benchmarks" / "results" / f"throughput-{name}.json"
+    write_json(out, report)
+    print(f"device: {report['machine']['device']}\nwrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

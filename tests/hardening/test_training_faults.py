@@ -1,0 +1,144 @@
+"""Training faults: a NaN loss or inf weights stop with the step and keep the last good resume point; a signal
+stops cleanly; a resume point that is corrupt, planted or made for other inputs is refused, never run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import signal
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from kt_edge.cli import app
+from kt_edge.data.sources import open_images
+from kt_edge.engine.trainer import RESUME, Interrupted, train
+from kt_edge.errors import CheckpointError, KtEdgeError, TrainingError
+from kt_edge.models.backbones import build_backbone
+from kt_edge.recipe import TrainConfig
+from kt_edge.teachers.moco import MoCo
+
+from conftest import SAMPLE, tiny_recipe_dict
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CPU is shared with other work: one torch thread runs fastest there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _method(n_images: int) -> MoCo:
+    torch.manual_seed(0)
+    return MoCo(build_backbone("alexnet", 32), {"queue": 16, "hidden": 32, "dim": 16}, n_images)
+
+
+def _train(out, method, data, steps=4, resume=False, fingerprint=""):
+    cfg = TrainConfig(epochs=10, max_steps=steps, batch_size=16, lr=0.05, checkpoint_every=1)
+    return train(method, data, cfg, out, stage="teacher", seed=0, device=CPU, image_size=32, resume=resume,
+                 fingerprint=fingerprint)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return open_images(SAMPLE / "train", subset=48, seed=0)
+
+
+def _finite(state: dict) -> bool:
+    return all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def _recipe(tmp_path, lr: float):
+    teacher = {"arch": "alexnet", "method": "moco", "options": {"queue": 32, "hidden": 32, "dim": 16},
+               "train": {"epochs": 1, "max_steps": 6, "batch_size": 16, "lr": lr, "checkpoint_every": 1}}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", teacher=teacher)))
+    return recipe, tmp_path / "runs" / "tiny" / "teacher"
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_resume_point(tmp_path):
+    recipe, out = _recipe(tmp_path, lr=1e30)
+    result = CliRunner().invoke(app, ["train-teacher", str(recipe)])
+    assert result.exit_code == 1, result.output
+    found = re.search(r"error: teacher: (loss became nan|the weights became inf or NaN) at step (\d+)", result.output)
+    assert found, result.output
+    assert "last resume point" in result.output and "Traceback" not in result.output
+    state = torch.load(out / RESUME, weights_only=True)
+    assert state["step"] < int(found.group(2)) and _finite(state["method"])
+    assert not (out / "model.json").exists()  # the stage is not complete
+
+
+def test_weights_turning_inf_stop_before_they_reach_a_resume_point(tmp_path, data):
+    method = _method(len(data))
+    original = method.after_step
+
+    def corrupt_at_step_3(step, total):
+        original(step, total)
+        if step == 2:
+            with torch.no_grad():
+                next(method.backbone.parameters()).view(-1)[0] = float("inf")
+
+    method.after_step = corrupt_at_step_3
+    with pytest.raises(TrainingError, match="weights became inf or NaN at step 3"):
+        _train(tmp_path, method, data)
+    state = torch.load(tmp_path / RESUME, weights_only=True)
+    assert state["step"] == 2 and _finite(state["method"])
+
+
+def test_sigint_writes_a_resume_point_and_stops(tmp_path, data):
+    method = _method(len(data))
+    original = method.after_step
+
+    def interrupt_at_step_3(step, total):
+        original(step, total)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    method.after_step = interrupt_at_step_3
+    with pytest.raises(Interrupted, match=r"stopped by SIGINT at step 3/4; run the same command with --resume") as exc:
+        _train(tmp_path, method, data)
+    assert exc.value.exit_code == 130
+    assert torch.load(tmp_path / RESUME, weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_resume_point_is_refused_without_running_it(tmp_path):
+    recipe, out = _recipe(tmp_path, lr=0.05)
+    marker = tmp_path / "pwned"
+    out.mkdir(parents=True)
+    torch.save({"method": _Evil(marker), "optimizer": {}, "rng": torch.get_rng_state(), "step": 1,
+                "fingerprint": ""}, out / RESUME)
+    result = CliRunner().invoke(app, ["train-teacher", str(recipe), "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "not a readable resume point" in result.output and "delete it" in result.output
+    assert not marker.exists()
+    torch.load(out / RESUME, weights_only=False)  # what loading it without weights_only would have done
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a zip or a pickle", pickle.dumps([1, 2, 3], protocol=2)])
+def test_a_corrupt_resume_point_is_a_clear_error(tmp_path, data, content):
+    (tmp_path / RESUME).write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"{RESUME}: not a"):
+        _train(tmp_path, _method(len(data)), data, resume=True)
+
+
+def test_a_resume_point_for_other_inputs_is_refused(tmp_path, data):
+    _train(tmp_path, _method(len(data)), data, steps=1, fingerprint="recipe-a")
+    with pytest.raises(KtEdgeError, match="written for other inputs"):
+        _train(tmp_path, _method(len(data)), data, steps=2, resume=True, fingerprint="recipe-b")
