@@ -43,7 +43,7 @@ IMAGE_SIZE = 32
 KNN = KnnSetting(200, 0.1)
 PRESETS = {
     # Sized so the eight methods train and are scored in about a quarter of an hour on two shared CPU cores.
-    "cpu": {"arch": "alexnet", "train_images": 1000, "epochs": 1, "batch_size": 50, "bank": 1000, "test": 500,
+    "cpu": {"arch": "alexnet", "train_images": 576, "epochs": 1, "batch_size": 32, "bank": 1000, "test": 500,
             "workers": 0},
     "gpu": {"arch": "resnet18", "train_images": 50_000, "epochs": 20, "batch_size": 512, "bank": 50_000,
             "test": 10_000, "workers": 8},

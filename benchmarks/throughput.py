@@ -60,11 +60,12 @@ SECTIONS = ("data", "seed", "moco", "extract")
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets; the first name fragment found wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 TARGET_SEED_224 = 5000  # images/s, SEED R50 -> R18 at 224 px on one H100, data loading included
-DEFAULTS = {  # per device type: global batch at 224 / 32 px, images per data set, steps, warm-up steps, workers
+DEFAULTS = {  # per device type: global batch at 224 / 32 px, images per data set (None: all), steps, warm-up
+    # steps, DataLoader workers, images to extract features of (None: all)
     "cuda": {"batch_224": 256, "batch_32": 512, "subset_224": None, "subset_32": None, "steps": 40, "warmup": 10,
-             "workers": min(12, os.cpu_count() or 1)},
-    "cpu": {"batch_224": 4, "batch_32": 32, "subset_224": 96, "subset_32": 384, "steps": 6, "warmup": 2,
-            "workers": min(2, os.cpu_count() or 1)},
+             "workers": min(12, os.cpu_count() or 1), "extract_images": None},
+    "cpu": {"batch_224": 2, "batch_32": 16, "subset_224": 64, "subset_32": 256, "steps": 4, "warmup": 1,
+            "workers": min(2, os.cpu_count() or 1), "extract_images": 16},
 }
 
 
@@ -186,10 +187,11 @@ def train_rate(name: str, method, data, size: int, batch: int, steps: int, warmu
             "batch": batch}
 
 
-def extract_rate(images, size: int, batch: int, device, workers: int, folder: Path) -> dict:
+def extract_rate(images, size: int, batch: int, device, workers: int, folder: Path, limit: int | None) -> dict:
     """End to end: cached uint8 rows -> tensors in workers -> ResNet-50 (bf16 on GPU) -> fp16 shards."""
     model = build_backbone("resnet50", size)
     dataset = images.with_transform(T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)]))
+    dataset = torch.utils.data.Subset(dataset, range(min(limit or len(dataset), len(dataset))))
     started = time.perf_counter()
     store = extract(model, dataset, folder / "features", batch_size=batch, device=device, workers=workers,
                     progress=False)
@@ -271,7 +273,8 @@ def run(args) -> dict:
             if "extract" in args.only:
                 flops = forward_flops(build_backbone("resnet50", size), size)
                 report["extract"][f"r50_{key}"] = {
-                    "end_to_end": with_compute(extract_rate(cached, size, batch, device, args.workers, tmp / key),
+                    "end_to_end": with_compute(extract_rate(cached, size, batch, device, args.workers, tmp / key,
+                                                            args.extract_images),
                                                flops, peak),
                     "model_only": with_compute(model_rate(size, batch, device, max(3, args.steps - args.warmup)),
                                                flops, peak)}
@@ -284,6 +287,7 @@ def run(args) -> dict:
                         "measured": seed_224["images_per_s"] if seed_224 else None,
                         "met": (seed_224["images_per_s"] >= TARGET_SEED_224) if seed_224 and "H100" in gpu else None}
     report["params"].update(steps=args.steps, warmup=args.warmup, workers=args.workers, compile=args.compile,
+                            extract_images=args.extract_images,
                             device=str(device), amp_bf16=device.type == "cuda", channels_last=device.type == "cuda")
     report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report["notes"] = [
@@ -303,7 +307,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=Path(shared), help="folder with imagenette/ and cifar10/ trees")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
-    for key in ("batch_224", "batch_32", "subset_224", "subset_32", "steps", "warmup", "workers"):
+    for key in ("batch_224", "batch_32", "subset_224", "subset_32", "steps", "warmup", "workers", "extract_images"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: sized for the device")
     p.add_argument("--compile", action="store_true", help="train with torch.compile (train.compile: true)")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep image caches here (default: a temp folder)")

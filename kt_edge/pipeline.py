@@ -154,7 +154,8 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
 
 def _train(recipe, method, data, cfg, out, stage, resume, inputs):
     device = resolve_device(recipe.device)
-    augment = resolve_augment(recipe.data.augment, data, recipe.data.image_size, device)
+    augment = resolve_augment(recipe.data.augment, data, recipe.data.image_size, device,
+                              method.train_transform(recipe.data.image_size))
     path = ("cache+" if recipe.data.cache else "") + augment
     return train(method, data, cfg, out, stage=stage, seed=recipe.seed, device=device,
                  image_size=recipe.data.image_size, workers=recipe.data.workers, resume=resume,

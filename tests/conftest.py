@@ -32,7 +32,7 @@ def tiny_recipe_dict(runs_dir: Path, **sections) -> dict:
         "export": {"golden": 4},
     }
     for key, value in sections.items():
-        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
 
 

@@ -29,17 +29,24 @@ def pixel_array(images, image_size: int) -> np.ndarray:
     return array
 
 
-def resolve_augment(mode: str, images, image_size: int, device: torch.device) -> str:
-    """A recipe's ``data.augment`` as the path to take: ``auto`` is batched on CUDA when the pixels allow it."""
+def resolve_augment(mode: str, images, image_size: int, device: torch.device, transform=None) -> str:
+    """A recipe's ``data.augment`` as the path to take. ``auto`` is batched on CUDA when the pixels are in an
+    array at the training size and the method's ``transform`` (when given) has a batched version."""
     if mode == "batched":
         pixel_array(images, image_size)
+        if transform is not None:
+            BatchAugment.from_transform(transform)
         return mode
     if mode == "auto":
+        if device.type != "cuda":
+            return "per_sample"
         try:
             pixel_array(images, image_size)
+            if transform is not None:
+                BatchAugment.from_transform(transform)
         except DataError:
             return "per_sample"
-        return "batched" if device.type == "cuda" else "per_sample"
+        return "batched"
     if mode != "per_sample":
         raise ValueError(f"data.augment must be auto, per_sample or batched, got {mode!r}")
     return mode

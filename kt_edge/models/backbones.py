@@ -61,7 +61,7 @@ def build_backbone(arch: str, image_size: int, layer: str | None = None) -> Back
                 setattr(net, name, nn.Identity())
             embed_dim = _last_conv(getattr(net, layer)).out_channels
         return Backbone(arch, image_size, net, embed_dim, layer)
-    features = models.alexnet(weights=None).features
+    features = _alexnet_features()
     if small:
         features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2)
     features = _with_batchnorm(features)
@@ -77,6 +77,17 @@ def at_layer(backbone: Backbone, layer: str | None) -> Backbone:
     keep = out.state_dict().keys()
     out.load_state_dict({k: v for k, v in backbone.state_dict().items() if k in keep})
     return out.train(backbone.training)
+
+
+def _alexnet_features() -> nn.Sequential:
+    """torchvision AlexNet's conv layers, built without allocating its unused 58M-parameter classifier."""
+    with torch.device("meta"):
+        features = models.alexnet(weights=None).features
+    features = features.to_empty(device="cpu")
+    for module in features.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # AlexNet has no init of its own beyond each layer's default
+    return features
 
 
 def _alexnet_stage_end(features: nn.Sequential, stage: int) -> int:

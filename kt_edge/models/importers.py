@@ -96,7 +96,8 @@ def read_checkpoint(path: Path) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch words it "Unsupported global: GLOBAL x.y", or "unsupported GLOBAL x.y whose module x is blocked"
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         if found:
             raise CheckpointError(f"{path}: refused, the pickle holds more than weights: it would call "
                                   f"{found.group(1)} (read with weights_only=True)") from None
@@ -118,7 +119,7 @@ def _tensors(obj: object, source: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{source}: expected a state dict of tensors, found {type(obj).__name__}")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
-        raise CheckpointError(f"{source}: no tensors in the checkpoint (keys: {', '.join(list(obj)[:5])})")
+        raise CheckpointError(f"{source}: no tensors in the checkpoint (keys: {', '.join(map(str, list(obj)[:5]))})")
     return state
 
 

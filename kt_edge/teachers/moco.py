@@ -30,6 +30,8 @@ class MoCoOptions(BaseModel):
 
 
 class MoCo(nn.Module):
+    """MoCo v2: InfoNCE against a queue of momentum-encoder keys."""
+
     Options = MoCoOptions
 
     def __init__(self, backbone: Backbone, options: dict, n_images: int):

@@ -102,7 +102,9 @@ def compress_loss(student: torch.Tensor, teacher: torch.Tensor, student_bank: to
     """KL(teacher || student) of softmax similarities to the banks, batchmean (inputs L2-normalised).
 
     1q passes the teacher bank twice; 2q passes the momentum student's bank for the student.
+    Computed in fp32 even under autocast: at T = 0.04, bf16 similarities would blur the target.
     """
-    target = F.softmax(teacher @ teacher_bank.T / tau_teacher, dim=1)
-    log_student = F.log_softmax(student @ student_bank.T / tau_student, dim=1)
-    return F.kl_div(log_student, target, reduction="batchmean")
+    with torch.autocast(student.device.type, enabled=False):
+        target = F.softmax(teacher.float() @ teacher_bank.float().T / tau_teacher, dim=1)
+        log_student = F.log_softmax(student.float() @ student_bank.float().T / tau_student, dim=1)
+        return F.kl_div(log_student, target, reduction="batchmean")

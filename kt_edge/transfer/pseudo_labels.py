@@ -51,7 +51,8 @@ class ClusterTransfer(nn.Module):
 
     @staticmethod
     def train_transform(image_size: int):
-        """DeepCluster's training augmentation: random resized crop and horizontal flip."""
+        """DeepCluster's training augmentation, random resized crop and flip; the crop keeps at least 20% of
+        the image (MoCo v2's bound) rather than 8%, which leaves little of a 32 px image."""
         return T.Compose([T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
                           T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
@@ -66,7 +67,8 @@ class ClusterBalanced(Images):
     """Each item draws a non-empty cluster uniformly, then one of its images, from torch's global RNG.
 
     The trainer seeds that RNG from (seed, epoch, index) around every sample, so the draw changes
-    each epoch yet is reproducible and resume-safe; an epoch keeps the dataset's length.
+    each epoch yet is reproducible and resume-safe; an epoch keeps the dataset's length. It has no
+    pixel array, so ``data.augment: auto`` trains it on the per-sample path (batched reads rows directly).
     """
 
     def __init__(self, base: Images):

@@ -30,6 +30,8 @@ class SeedOptions(BaseModel):
 
 
 class Seed(nn.Module):
+    """SEED: soft contrastive cross-entropy over a queue of teacher embeddings."""
+
     Options = SeedOptions
 
     def __init__(self, student: Backbone, teacher: FrozenTeacher, options: dict, n_images: int):

@@ -116,7 +116,7 @@ def test_feature_shard(tmp_path, monkeypatch):
 
     data = open_images(SAMPLE / "test", subset=8, seed=0).with_transform(eval_transform(32))
     model = build_backbone("alexnet", 32)
-    monkeypatch.setattr(features.np, "save", half_then_disk_full())  # the labels file of the first shard
+    monkeypatch.setattr(features.np, "save", half_then_disk_full(path_arg=0))  # the first shard's labels
     with pytest.raises(OSError, match="No space left"):
         features.extract(model, data, tmp_path, shard_size=4, progress=False)
     assert files_in(tmp_path) == {features.PLAN_NAME}  # neither shard file, no index

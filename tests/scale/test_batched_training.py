@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torchvision import transforms as T
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
@@ -84,6 +85,11 @@ def test_auto_augment_is_batched_only_on_cuda_with_a_pixel_array():
     assert resolve_augment("auto", files, 32, torch.device("cuda")) == "per_sample"
     assert resolve_augment("auto", array, 64, torch.device("cuda")) == "per_sample"
     assert resolve_augment("per_sample", array, 32, torch.device("cuda")) == "per_sample"
+    rotate = T.Compose([T.RandomRotation(10), T.ToTensor()])  # no batched version: auto falls back
+    assert resolve_augment("auto", array, 32, torch.device("cuda"), moco_v2(32)) == "batched"
+    assert resolve_augment("auto", array, 32, torch.device("cuda"), rotate) == "per_sample"
+    with pytest.raises(DataError, match="RandomRotation"):
+        resolve_augment("batched", array, 32, CPU, rotate)
 
 
 def test_compiled_networks_train_like_eager_ones(tmp_path, monkeypatch):

@@ -103,9 +103,10 @@ def test_a_layer_keeps_the_weights_below_it(tmp_path, reference):
 def test_a_wrong_architecture_lists_missing_unexpected_and_misshapen_keys(tmp_path, reference):
     _, plain, _ = reference
     torch.save(layouts(plain)["swav"], tmp_path / "swav.pth")
-    with pytest.raises(CheckpointError, match=r"shapes differ .* for \[conv1.weight|body\.") as err:
+    with pytest.raises(CheckpointError, match=r"swav.pth \(format swav\) does not fit Backbone: shapes differ "
+                                              r"\(checkpoint vs model\) for \[body.layer1.0.conv1.weight "
+                                              r"\[64, 64, 3, 3\] vs \[64, 64, 1, 1\]"):
         import_teacher(tmp_path / "swav.pth", "resnet50", SIZE)
-    assert "swav.pth" in str(err.value)
     extra = {**plain, "layer5.0.conv1.weight": torch.randn(1)}
     del extra["layer4.1.bn2.running_var"]
     torch.save(extra, tmp_path / "extra.pth")
@@ -183,3 +184,18 @@ def test_a_timm_model_in_hub_layout_imports_and_reloads(tmp_path):
         reloaded, card = load_backbone(tmp_path / "saved")
         assert card["arch"] == "timm/vit_tiny_patch16_224"
         assert torch.allclose(reloaded(ours), teacher(ours), atol=1e-5)
+
+
+def test_the_teacher_stage_imports_an_official_checkpoint_for_distillation(tmp_path, reference, tiny_recipe):
+    from kt_edge import pipeline
+    from kt_edge.recipe import load_recipe
+
+    model, plain, probe = reference
+    torch.save(layouts(plain)["moco"], tmp_path / "moco_v2.pth.tar")
+    recipe = load_recipe(tiny_recipe(teacher={"arch": "resnet18", "checkpoint": str(tmp_path / "moco_v2.pth.tar"),
+                                              "format": "moco"}))
+    folder = pipeline.train_teacher(recipe)
+    teacher, card = load_backbone(folder)
+    assert card["method"] == "imported" and card["arch"] == "resnet18"
+    with torch.no_grad():
+        assert torch.equal(teacher(probe), model(probe))
