@@ -153,8 +153,8 @@ def run(args) -> dict:
         "results": results,
         "wall_seconds": time.perf_counter() - started,
         "notes": [
-            "images_seen counts source images: a two-view method sees two augmentations of each, rotation four "
-            "rotations, jigsaw nine tiles, rpl two patches, so compute per image differs by method",
+            ("images_seen counts source images: a two-view method sees two augmentations of each, rotation four "
+             "rotations, jigsaw nine tiles, rpl two patches, so compute per image differs by method"),
             "patch methods (jigsaw, jigsaw_pp, rpl) train their encoder on tiles and are scored on whole images",
         ],
     }
@@ -175,7 +175,8 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=shared_data(), help="folder holding cifar10/{train,test}")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/teachers-<device>.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/teachers-<device>.json)")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in TEACHERS]

@@ -150,17 +150,21 @@ def data_rate(kind: str, images, size: int, batch: int, steps: int, warmup: int,
     """images/s one data path delivers to the device, augmented and ready for the model."""
     sampler = torch.utils.data.RandomSampler(images, replacement=True, num_samples=steps * batch,
                                              generator=torch.Generator().manual_seed(0))
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda")
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if kind == "batched":
         augment = BatchAugment.from_transform(moco_v2(size))
         loader = torch.utils.data.DataLoader(
             ArrayBatches(images, augment, 0, size), batch_size=None,
             sampler=torch.utils.data.BatchSampler(sampler, batch, drop_last=True), **common)
-        fetch = lambda b: augment(b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True))  # noqa
+
+        def fetch(b):
+            return augment(b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True))
     else:
         loader = torch.utils.data.DataLoader(SeededViews(images.with_transform(moco_v2(size)), 0), batch_size=batch,
                                              sampler=sampler, drop_last=True, **common)
-        fetch = lambda b: b[0].to(device, non_blocking=True)  # noqa: E731
+
+        def fetch(b):
+            return b[0].to(device, non_blocking=True)
     started = None
     for i, b in enumerate(loader):
         out = fetch(b)
@@ -219,9 +223,13 @@ def model_rate(size: int, batch: int, device, repeats: int) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
+def dataset_name(size: int) -> str:
+    return "imagenette/train" if size > 64 else "cifar10/train"
+
+
 def datasets(args, size: int, subset: int | None, cache_dir: Path):
     """(JPEG files, their uint8 cache) for one resolution: Imagenette train at 224 px, CIFAR-10 train at 32."""
-    folder = args.data / ("imagenette" if size > 64 else "cifar10") / "train"
+    folder = args.data / dataset_name(size)
     if not folder.is_dir():
         raise SystemExit(f"data folder not found: {folder} (set --data or KT_EDGE_SHARED_DATA)")
     source = DataSource(path=folder, subset=subset)
@@ -241,7 +249,8 @@ def run(args) -> dict:
         for size, (batch, subset) in sizes.items():
             files, cached = datasets(args, size, subset, cache_dir)
             n, key = len(cached), f"{size}px"
-            report["params"][key] = {"images": n, "batch": batch, "queue": queue_size(n), "source": str(cached.name)}
+            report["params"][key] = {"images": n, "batch": batch, "queue": queue_size(n),
+                                     "source": dataset_name(size)}
             if "data" in args.only:
                 report["data"][key] = {
                     kind: data_rate(kind, images, size, batch, args.steps, args.warmup, device, args.workers)
@@ -291,12 +300,13 @@ def run(args) -> dict:
                             device=str(device), amp_bf16=device.type == "cuda", channels_last=device.type == "cuda")
     report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report["notes"] = [
-        "training images/s: global batch / median interval between logged optimiser steps after warm-up, "
-        "data loading included; the first epoch's DataLoader start is inside the warm-up",
-        "FLOPs: torch.utils.flop_counter on one step at batch 2 (fp32, CPU), per image; achieved TFLOP/s = "
-        "FLOPs per image x images/s; the fraction of peak uses the dense bf16 peak of the GPU (none on CPU)",
-        "on CPU the batched path augments on the CPU in the main process: its figures show the code path "
-        "works, not what it gains on a GPU",
+        ("training images/s: global batch / median interval between logged optimiser steps after warm-up, "
+         "data loading included; the first epoch's DataLoader start is inside the warm-up"),
+        ("FLOPs: torch.utils.flop_counter on one step at batch 2 (fp32, CPU), per image; achieved TFLOP/s = "
+         "FLOPs per image x images/s; the fraction of peak uses the dense bf16 peak of the GPU (none on CPU)"),
+        ("on CPU the batched path augments on the CPU in the main process: its figures show the code path "
+         "works, not what it gains on a GPU; on a loaded CPU, more torch threads than free cores makes every "
+         "OpenMP region wait (see machine.torch_threads and the load averages)"),
     ]
     return report
 
@@ -310,6 +320,8 @@ def parse(argv=None) -> argparse.Namespace:
     for key in ("batch_224", "batch_32", "subset_224", "subset_32", "steps", "warmup", "workers", "extract_images"):
         p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help="default: sized for the device")
     p.add_argument("--compile", action="store_true", help="train with torch.compile (train.compile: true)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default torch's); 1 avoids OpenMP contention on a busy shared CPU")
     p.add_argument("--cache-dir", type=Path, default=None, help="keep image caches here (default: a temp folder)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/throughput-<machine>.json)")
     args = p.parse_args(argv)
@@ -328,6 +340,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = run(args)
     name = slug(report["machine"]["gpu"] or "cpu-" + report["machine"]["cpu"])
     out = args.out or REPO / "benchmarks" / "results" / f"throughput-{name}.json"

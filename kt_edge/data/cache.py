@@ -145,9 +145,8 @@ def build_cache(images: Images, folder: Path | str, image_size: int, fingerprint
             bar.update(task, completed=done)
     del array
     os.replace(folder / PARTIAL, folder / IMAGES)
-    with atomic_path(folder / LABELS) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.asarray(images.labels, dtype=np.int64))
+    with atomic_path(folder / LABELS) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.asarray(images.labels, dtype=np.int64))
     write_json(folder / SIDECAR, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "n": n, "size": image_size,
                                   "source": source or images.name, "images": IMAGES, "labels": LABELS,
                                   "classes": list(images.classes), "fingerprint": fingerprint})

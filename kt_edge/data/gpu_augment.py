@@ -102,9 +102,9 @@ class ResizedCrop:
     def _fallback(self, height: int, width: int) -> tuple[int, int]:
         ratio = width / height
         if ratio < min(self.ratio):
-            return int(round(width / min(self.ratio))), width
+            return round(width / min(self.ratio)), width
         if ratio > max(self.ratio):
-            return height, int(round(height * max(self.ratio)))
+            return height, round(height * max(self.ratio))
         return height, width
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -246,7 +246,7 @@ class BatchAugment:
         self.draws = sum(op.draws for op in ops)
 
     @classmethod
-    def from_transform(cls, transform) -> "BatchAugment":
+    def from_transform(cls, transform) -> BatchAugment:
         """From a method's ``train_transform``: a torchvision Compose, or ``TwoViews`` of one."""
         views = 1
         if isinstance(transform, TwoViews):

@@ -144,6 +144,6 @@ def step_function(method: nn.Module, device: torch.device):
     if not active():
         return method.training_step
     ddp = nn.parallel.DistributedDataParallel
-    no_buffer_sync = ({"forward_sync_buffers": False}  # the name from torch 2.14 on
+    no_buffer_sync = ({"forward_sync_buffers": False}  # the newer name; broadcast_buffers is deprecated
                       if "forward_sync_buffers" in inspect.signature(ddp).parameters else {"broadcast_buffers": False})
     return ddp(_TrainingStep(method), device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)

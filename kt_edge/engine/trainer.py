@@ -151,7 +151,8 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
           fingerprint: str = "", metrics_path: Path | None = None, augment: str = "per_sample") -> TrainResult:
     """Train ``method`` on ``dataset`` per ``cfg`` (a recipe ``TrainConfig``); resume points go to ``out_dir``.
 
-    ``fingerprint`` names the stage's inputs; a resume point made from other inputs is refused.
+    ``fingerprint`` names the stage's inputs; a resume point made from other inputs, or from another number
+    of images (files added to or removed from the folder), is refused.
     ``augment`` is the data path: ``per_sample`` or ``batched`` (``dataset`` then holds a uint8 ``array``).
     """
     out_dir = Path(out_dir)
@@ -181,8 +182,8 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
     resume_path = out_dir / RESUME
     if resume and resume_path.is_file():
         state = _read_resume_point(resume_path)
-        if state.get("fingerprint", "") != fingerprint:
-            raise KtEdgeError(f"{resume_path} was written for other inputs (the recipe changed); "
+        if state.get("fingerprint", "") != fingerprint or state.get("images", len(dataset)) != len(dataset):
+            raise KtEdgeError(f"{resume_path} was written for other inputs (the recipe or the images changed); "
                               "run without --resume to start this stage again")
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
@@ -234,7 +235,7 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
         with atomic.atomic_path(resume_path) as tmp:
             torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "step": step,
-                        "fingerprint": fingerprint}, tmp)
+                        "fingerprint": fingerprint, "images": len(dataset)}, tmp)
 
     progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=False,

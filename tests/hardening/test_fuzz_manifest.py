@@ -8,7 +8,7 @@ import traceback
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kt_edge_runtime.bundle import (MANIFEST_NAME, SCHEMA_VERSION, BundleError, Golden, InputSpec, Manifest,
                                     ModelEntry, OutputSpec, Parity, _digest, load_bundle, write_manifest)

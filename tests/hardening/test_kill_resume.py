@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_recipe_dict
+from conftest import REPO, SAMPLE, tiny_recipe_dict
 
 STEPS = 8
 TEACHER = {"arch": "alexnet", "method": "moco",
@@ -31,8 +31,8 @@ TEACHER = {"arch": "alexnet", "method": "moco",
 
 
 def write_recipe(root: Path) -> Path:
-    data = tiny_recipe_dict(root / "runs", teacher=TEACHER, data={"train": {"path": tiny_recipe_dict("")["data"]
-                                                                            ["train"]["path"], "subset": 192}})
+    data = tiny_recipe_dict(root / "runs", teacher=TEACHER, data={"train": {"path": str(SAMPLE / "train"),
+                                                                            "subset": 192}})
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -111,8 +111,10 @@ def _reference_dir(reference) -> Path:
 
 def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_path, reference):
     recipe, run_dir = write_recipe(tmp_path), tmp_path / "runs" / "tiny"
-    rng = random.Random(int(os.environ.get("KT_EDGE_KILL_SEED", time.time_ns())))
+    seed = int(os.environ.get("KT_EDGE_KILL_SEED", time.time_ns()))
+    rng = random.Random(seed)
     kills = sorted(rng.sample(range(1, STEPS - 1), 2))
+    print(f"KT_EDGE_KILL_SEED={seed}: SIGKILL after steps {kills}")  # shown if the test fails: rerun with it
     for target in kills:
         proc = start(recipe, "--resume")
         wait_for_step(proc, run_dir, target)
@@ -120,7 +122,7 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_pat
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
         # a killed stage is never taken as complete
-        assert not (run_dir / "teacher" / "model.json").exists(), f"kills at {kills}"
+        assert not (run_dir / "teacher" / "model.json").exists()
 
     code, err = finish(start(recipe, "--resume"))
     assert code == 0, err
@@ -143,3 +145,41 @@ def test_sigterm_writes_a_resume_point_and_exits_130_saying_how_to_resume(tmp_pa
     code, err = finish(start(recipe, "--resume"))
     assert code == 0, err
     assert_same_as_reference(run_dir, _reference_dir(reference))
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on a shared CPU: one torch thread runs fastest."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_training_again(tmp_path, monkeypatch,
+                                                                                        one_thread):
+    """The one moment a resume point is complete but the stage is not: --resume only writes the checkpoint."""
+    from kt_edge import pipeline
+    from kt_edge.recipe import load_recipe
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*_args, **_kwargs):
+        raise Killed
+
+    recipe = load_recipe(write_recipe(tmp_path), ["teacher.train.max_steps=2"])
+    monkeypatch.setattr(pipeline, "save_backbone", killed)
+    with pytest.raises(Killed):
+        pipeline.train_teacher(recipe)
+    monkeypatch.undo()
+    out, log = recipe.run_dir / "teacher", recipe.run_dir / "metrics.jsonl"
+    assert resume_step(recipe.run_dir) == 2 and not (out / "model.json").exists()
+    steps_logged = log.read_text()
+
+    pipeline.train_teacher(recipe, resume=True)
+    assert log.read_text() == steps_logged  # no step was run again
+    assert (out / "model.json").is_file()
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    pipeline.train_teacher(recipe, resume=True)  # complete: not redone
+    assert (out / "model.safetensors").stat().st_mtime_ns == written

@@ -142,3 +142,11 @@ def test_a_resume_point_for_other_inputs_is_refused(tmp_path, data):
     _train(tmp_path, _method(len(data)), data, steps=1, fingerprint="recipe-a")
     with pytest.raises(KtEdgeError, match="written for other inputs"):
         _train(tmp_path, _method(len(data)), data, steps=2, resume=True, fingerprint="recipe-b")
+
+
+def test_a_resume_point_for_another_number_of_images_is_refused(tmp_path, data):
+    """Files added to the folder between the kill and --resume would shift every batch: refused, not mixed in."""
+    _train(tmp_path, _method(len(data)), data, steps=1)
+    fewer = open_images(SAMPLE / "train", subset=32, seed=0)
+    with pytest.raises(KtEdgeError, match="the recipe or the images changed"):
+        _train(tmp_path, _method(len(fewer)), fewer, steps=2, resume=True)

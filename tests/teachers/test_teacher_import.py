@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from kt_edge.errors import CheckpointError, RecipeError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import load_backbone, save_backbone
-from kt_edge.models.importers import detect_format, import_teacher, read_checkpoint
+from kt_edge.models.importers import backbone_state, detect_format, import_teacher, read_checkpoint
 from kt_edge.recipe import recipe_from_dict
 from teacher_kit import SAMPLE
 
@@ -72,12 +72,14 @@ def test_official_layouts_round_trip_to_the_same_outputs(tmp_path, reference, la
     model, plain, probe = reference
     path = tmp_path / f"{layout}.pth"
     torch.save(layouts(plain)[layout], path)
-    assert detect_format(read_checkpoint(path)) == fmt
-    for chosen in ("auto", fmt):
-        teacher = import_teacher(path, "resnet18", SIZE, format=chosen)
-        assert not teacher.training
-        with torch.no_grad():
-            assert torch.equal(teacher(probe), model(probe))
+    checkpoint = read_checkpoint(path)
+    assert detect_format(checkpoint) == fmt
+    state = backbone_state(checkpoint, fmt, source=str(path))
+    assert state.keys() == model.state_dict().keys()  # heads, key encoders, queues and prototypes dropped
+    teacher = import_teacher(path, "resnet18", SIZE, format="auto")
+    assert not teacher.training
+    with torch.no_grad():
+        assert torch.equal(teacher(probe), model(probe))
 
 
 def test_our_own_checkpoints_import_as_files_and_folders(tmp_path, reference):

@@ -36,7 +36,7 @@ def test_the_sidecar_records_the_layer_and_load_rebuilds_it(tmp_path):
     save_backbone(build_backbone("resnet18", 32), tmp_path / "default")
     assert json.loads((tmp_path / "layer2" / SIDECAR).read_text())["layer"] == "layer2"
     assert "layer" not in json.loads((tmp_path / "default" / SIDECAR).read_text())  # format unchanged
-    loaded, card = load_backbone(tmp_path / "layer2")
+    loaded, _ = load_backbone(tmp_path / "layer2")
     assert loaded.layer == "layer2" and loaded.embed_dim == 128
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
