@@ -26,7 +26,7 @@ from kt_edge.engine.device import resolve_device
 from kt_edge.engine.trainer import train
 from kt_edge.errors import CheckpointError, DataError
 from kt_edge.features import FeatureStore, extract
-from kt_edge.models.backbones import build_backbone
+from kt_edge.models.backbones import at_layer, build_backbone
 from kt_edge.models.checkpoint import load_backbone, read_sidecar, save_backbone
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.models.importers import import_teacher
@@ -100,7 +100,7 @@ def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
         return out
     cfg = recipe.teacher
     if cfg.checkpoint is not None:
-        backbone = import_teacher(cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format)
+        backbone = import_teacher(cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format, cfg.layer)
         save_backbone(backbone, out, stage="teacher", method="imported", source=str(cfg.checkpoint), inputs=inputs)
         console.print(f"teacher: imported {cfg.checkpoint} -> {out}")
         return out
@@ -110,7 +110,8 @@ def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
     method = TEACHERS[cfg.method](backbone, cfg.options, n_images=len(data))
     result = _train(recipe, method, data, cfg.train, out, "teacher", resume, inputs)
     if distributed.is_main():
-        save_backbone(method.backbone, out, stage="teacher", method=cfg.method, inputs=inputs,
+        backbone = at_layer(method.backbone, cfg.layer) if cfg.layer else method.backbone
+        save_backbone(backbone, out, stage="teacher", method=cfg.method, inputs=inputs,
                       steps=result.steps, final_loss=result.final_loss)
     distributed.barrier()
     return out

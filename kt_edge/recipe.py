@@ -90,6 +90,8 @@ class TeacherConfig(Strict):
     checkpoint: Path | None = None  # import instead of training
     format: Literal["auto", "kt-edge", "torchvision", "moco", "swav", "dino", "timm"] = Field(
         default="auto", description="layout of teacher.checkpoint; auto reads it from the keys")
+    layer: Literal["layer1", "layer2", "layer3", "layer4", "conv1", "conv2", "conv3", "conv4", "conv5"] | None = Field(
+        default=None, description="the layer whose pooled output is the teacher's embedding (default: the last)")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=200, lr=0.06))
     options: dict[str, Any] = Field(default_factory=dict, description="method options, see `kt-edge methods`")
 
