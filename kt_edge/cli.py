@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import warnings
@@ -40,6 +41,13 @@ def _friendly(func: Callable) -> Callable:
             except KtEdgeError as exc:
                 err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                err.print(f"[bold red]error:[/] out of disk space ({exc.strerror}); nothing partial was kept: "
+                          "free space and run the same command again (with --resume for training)",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
 
     return wrapper
 

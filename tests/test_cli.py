@@ -22,7 +22,7 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One tiny run through train-teacher, distill, eval and export, shared by the tests below."""
-    from conftest import tiny_recipe_dict
+    from sample_kit import tiny_recipe_dict
     import yaml
 
     root = tmp_path_factory.mktemp("cli")

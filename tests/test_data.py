@@ -5,7 +5,7 @@ from PIL import Image
 from kt_edge.data.sources import open_images
 from kt_edge.errors import DataError
 
-from conftest import SAMPLE
+from sample_kit import SAMPLE
 
 
 def _folder_with_bad_files(root):

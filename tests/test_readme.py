@@ -1,4 +1,4 @@
-from conftest import REPO
+from sample_kit import REPO
 
 
 def test_ci_runs_the_readme_commands_that_exist():

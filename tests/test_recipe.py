@@ -5,7 +5,7 @@ from kt_edge.cli import app
 from kt_edge.errors import RecipeError
 from kt_edge.recipe import load_recipe, recipe_from_dict
 
-from conftest import REPO, tiny_recipe_dict
+from sample_kit import REPO, tiny_recipe_dict
 
 
 def test_quickstart_recipe_is_valid():

@@ -12,7 +12,7 @@ from kt_edge.recipe import TrainConfig
 from kt_edge.teachers.moco import MoCo
 from kt_edge.transfer.seed import Seed
 
-from conftest import SAMPLE
+from sample_kit import SAMPLE
 
 CPU = torch.device("cpu")
 

@@ -417,7 +417,7 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Manifest:
         raise BundleError(f"{path} not found: not a bundle directory")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BundleError(f"{MANIFEST_NAME} must hold a JSON object")

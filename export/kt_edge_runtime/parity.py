@@ -51,7 +51,12 @@ class Thresholds:
             raise ValueError(f"unknown threshold field(s): {', '.join(sorted(unknown))}")
         if "min_cosine" not in data:
             raise ValueError("threshold field 'min_cosine' is missing")
-        return cls(**{k: float(v) for k, v in data.items()})
+        numbers = {}
+        for key, value in data.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"threshold field {key!r} must be a number, got {type(value).__name__}")
+            numbers[key] = float(value)
+        return cls(**numbers)
 
 
 DEFAULT_THRESHOLDS: dict[str, Thresholds] = {

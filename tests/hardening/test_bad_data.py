@@ -19,7 +19,7 @@ from kt_edge.recipe import recipe_from_dict
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
 
-from conftest import tiny_recipe_dict
+from sample_kit import tiny_recipe_dict
 
 QUEUES = [(section, name, key) for section, registry in (("teacher", TEACHERS), ("distill", DISTILLERS))
           for name, method in sorted(registry.items()) for key in ("queue", "bank")

@@ -21,7 +21,7 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import ExportConfig, TrainConfig
 from kt_edge.teachers.moco import MoCo
 
-from conftest import SAMPLE
+from sample_kit import SAMPLE
 
 
 def disk_full(*_args, **_kwargs):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import traceback
 
 import numpy as np
 import pytest
@@ -59,26 +58,11 @@ def _mutate(data: dict, path: tuple, value, drop: bool) -> dict:
     return data
 
 
-def _known_runtime_bug(exc: Exception) -> bool:
-    """Crashes fuzzing found in kt_edge_runtime, reported to its owner; pinned by the xfail tests below.
-
-    Once they are fixed those tests XPASS (strict): delete them and this allowance.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    in_thresholds = any(f.name == "from_dict" and f.filename.endswith("parity.py") for f in frames)
-    in_json = any(f.name == "loads" and f.filename.endswith("json/__init__.py") for f in frames)
-    return (isinstance(exc, TypeError) and in_thresholds) or (isinstance(exc, RecursionError) and in_json)
-
-
 def _manifest_or_bundle_error(call):
     try:
         result = call()
     except BundleError as exc:
         assert str(exc)
-        return None
-    except (TypeError, RecursionError) as exc:
-        if not _known_runtime_bug(exc):
-            raise
         return None
     assert isinstance(result, Manifest)
     return result
@@ -152,9 +136,6 @@ def test_newer_schema_version_is_refused_before_anything_else(bundle_dir):
         load_bundle(bundle_dir)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="kt_edge_runtime bug (reported): Thresholds.from_dict calls float() on a list/None/object "
-                          "and the TypeError escapes Manifest.from_dict")
 @pytest.mark.parametrize("value", [None, [0.1], {"x": 1}])
 def test_threshold_of_wrong_type_is_a_bundle_error(value):
     data = copy.deepcopy(VALID_DICT)
@@ -163,8 +144,6 @@ def test_threshold_of_wrong_type_is_a_bundle_error(value):
         Manifest.from_dict(data)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="kt_edge_runtime bug (reported): load_bundle lets json.loads' RecursionError through")
 def test_deeply_nested_manifest_is_a_bundle_error(bundle_dir):
     (bundle_dir / MANIFEST_NAME).write_bytes(b"[" * 100_000)
     with pytest.raises(BundleError, match="not valid JSON"):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kt_edge.errors import RecipeError
 from kt_edge.recipe import Recipe, load_recipe, recipe_from_dict
 
-from conftest import tiny_recipe_dict
+from sample_kit import tiny_recipe_dict
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE, tiny_recipe_dict
+from sample_kit import REPO, SAMPLE, tiny_recipe_dict
 
 STEPS = 8
 TEACHER = {"arch": "alexnet", "method": "moco",

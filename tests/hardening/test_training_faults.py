@@ -21,7 +21,7 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import TrainConfig
 from kt_edge.teachers.moco import MoCo
 
-from conftest import SAMPLE, tiny_recipe_dict
+from sample_kit import SAMPLE, tiny_recipe_dict
 
 CPU = torch.device("cpu")
 

@@ -21,7 +21,7 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import SIDECAR, WEIGHTS, load_backbone, save_backbone
 from kt_edge.models.importers import import_teacher, read_checkpoint
 
-from conftest import tiny_recipe_dict
+from sample_kit import tiny_recipe_dict
 
 
 class Exploit:

@@ -15,7 +15,7 @@ from kt_edge.data.gpu_augment import (
 from kt_edge.data.sources import open_images
 from kt_edge.errors import DataError
 
-from conftest import SAMPLE
+from sample_kit import SAMPLE
 
 
 def _images(n=8, size=32, seed=0):

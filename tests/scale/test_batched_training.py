@@ -18,7 +18,7 @@ from kt_edge.engine.trainer import make_optimizer, networks, train
 from kt_edge.errors import DataError
 from kt_edge.recipe import TrainConfig
 
-from conftest import SAMPLE, tiny_recipe_dict
+from sample_kit import SAMPLE, tiny_recipe_dict
 import ddp_train
 
 CPU = torch.device("cpu")

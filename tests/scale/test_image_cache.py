@@ -19,7 +19,7 @@ from kt_edge.data.sources import load_rgb, open_images
 from kt_edge.errors import DataError
 from kt_edge.recipe import DataSource
 
-from conftest import SAMPLE, tiny_recipe_dict
+from sample_kit import SAMPLE, tiny_recipe_dict
 
 SHARED = Path(os.environ.get("KT_EDGE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SAMPLE, tiny_recipe_dict
+from sample_kit import SAMPLE, tiny_recipe_dict
 from typer.testing import CliRunner
 
 from kt_edge.cli import app

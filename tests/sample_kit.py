@@ -1,0 +1,33 @@
+"""The shipped CIFAR-10 sample and tiny recipes that run in seconds on CPU (imported by tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "cifar10"
+
+
+def tiny_recipe_dict(runs_dir: Path, **sections) -> dict:
+    """A complete recipe on a seeded subset of the sample: 256 train / 128 test images, 32 px, a few steps."""
+    data = {
+        "name": "tiny",
+        "seed": 0,
+        "device": "cpu",
+        "runs_dir": str(runs_dir),
+        "data": {"train": {"path": str(SAMPLE / "train"), "subset": 256},
+                 "test": {"path": str(SAMPLE / "test"), "subset": 128},
+                 "image_size": 32, "workers": 0},
+        "teacher": {"arch": "resnet18", "method": "moco",
+                    "train": {"epochs": 1, "max_steps": 3, "batch_size": 32, "lr": 0.05, "checkpoint_every": 2},
+                    "options": {"queue": 64, "hidden": 64, "dim": 32, "momentum": 0.99}},
+        "distill": {"student": "alexnet", "method": "seed",
+                    "train": {"epochs": 1, "max_steps": 3, "batch_size": 32, "lr": 0.05, "checkpoint_every": 2},
+                    "options": {"queue": 64, "hidden": 64}},
+        "eval": {"knn": [{"k": 20, "t": 0.07}]},
+        "export": {"golden": 4},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data
