@@ -360,11 +360,11 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     report = export(recipe)
     metrics = list(dict.fromkeys(metric for row in results.values() for metric in row))
     table = Table(title=f"kt-edge run {recipe.name}: evaluation on {recipe.data.test.path}")
-    table.add_column("model")
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name.replace("_", "-"), justify="right")
     for metric in metrics:
-        table.add_column(metric, justify="right")
-    for name, row in results.items():
-        table.add_row(name.replace("_", "-"), *(f"{row[m]:.2f}" if m in row else "" for m in metrics))
+        table.add_row(metric, *(f"{row[metric]:.2f}" if metric in row else "" for row in results.values()))
     Console().print(table)
     parity = Table(title="export parity (ONNX Runtime vs PyTorch fp32)")
     for column in ("precision", "golden", "min cosine", "k-NN top-1 drop", "verdict"):
