@@ -17,7 +17,6 @@ report about 4 hours on a Titan X for it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -39,19 +38,10 @@ sys.path.insert(0, str(REPO))
 from kt_edge.atomic import write_json  # noqa: E402
 from kt_edge.features import FeatureStore  # noqa: E402
 from kt_edge.transfer.cluster import assign, faiss_gpus, fit_kmeans, sample_rows  # noqa: E402
+from kt_edge_runtime.bench import machine_name  # noqa: E402
 
 METHODS = ("faiss", "sklearn", "minibatch")
 GPU_SCALE = {"n": 1_281_167, "dim": 2048, "k": 2000, "niter": 20}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpu_names() -> list[str]:
@@ -66,7 +56,7 @@ def gpu_names() -> list[str]:
 
 def machine(faiss_gpu_count: int) -> dict:
     return {
-        "cpu": cpu_model(),
+        "cpu": machine_name(),
         "cpu_cores": os.cpu_count(),
         "faiss_threads": faiss.omp_get_max_threads(),
         "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

@@ -38,6 +38,7 @@ from kt_edge.features import embed  # noqa: E402
 from kt_edge.models.backbones import build_backbone  # noqa: E402
 from kt_edge.recipe import TrainConfig  # noqa: E402
 from kt_edge.teachers import TEACHERS  # noqa: E402
+from kt_edge_runtime.bench import machine_name  # noqa: E402
 
 IMAGE_SIZE = 32
 KNN = KnnSetting(200, 0.1)
@@ -77,13 +78,7 @@ def shared_data() -> Path:
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": machine_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version()}
 

@@ -55,6 +55,7 @@ from kt_edge.models.frozen import FrozenTeacher  # noqa: E402
 from kt_edge.recipe import DataSource, TrainConfig  # noqa: E402
 from kt_edge.teachers.moco import MoCo  # noqa: E402
 from kt_edge.transfer.seed import Seed  # noqa: E402
+from kt_edge_runtime.bench import machine_name  # noqa: E402
 
 SECTIONS = ("data", "seed", "moco", "extract")
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets; the first name fragment found wins.
@@ -73,16 +74,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def peak_tflops(gpu: str | None) -> float | None:
     if gpu is None:
         return None
@@ -91,7 +82,7 @@ def peak_tflops(gpu: str | None) -> float | None:
 
 def machine(device: torch.device) -> dict:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"device": gpu or f"CPU: {cpu_model()}", "gpu": gpu, "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
+    return {"device": gpu or f"CPU: {machine_name()}", "gpu": gpu, "cpu": machine_name(), "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "python": platform.python_version(), "peak_bf16_tflops": peak_tflops(gpu),
             "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
