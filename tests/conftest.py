@@ -27,3 +27,12 @@ def tiny_recipe(tmp_path):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny problems: one torch thread avoids start-up and oversubscription costs on small, busy hosts."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from kt_edge.evaluate.knn import KnnSetting, knn_accuracy
 from kt_edge.evaluate.linear import (
@@ -17,13 +16,7 @@ from kt_edge.evaluate.linear import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These probes are tiny; one thread avoids thread start-up and oversubscription costs on small CI hosts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clusters(rng, n, num_classes, dim, noise):

@@ -23,13 +23,7 @@ from kt_edge.recipe import DataSource, EvalConfig, load_recipe, recipe_from_dict
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread avoids start-up and oversubscription costs on small, busy CI hosts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clusters(rng, n, num_classes, dim, noise):

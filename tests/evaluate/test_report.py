@@ -8,7 +8,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 
 from kt_edge import atomic, pipeline
 from kt_edge.errors import DataError
@@ -23,17 +22,11 @@ SECTIONS = ("summary", "training", "evaluation", "map", "per-class", "export", "
 BANK, TEST = 240, 60  # the export's parity k-NN uses k=200, so the bank needs at least 200 images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny problems: one thread avoids start-up and oversubscription costs on small, busy CI hosts."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, _one_thread) -> Path:
+def full_run(tmp_path_factory, one_thread) -> Path:
     """Teacher and student trained 2 steps each, evaluated, exported and benchmarked, all with the real code."""
     if not SAMPLE.is_dir():
         pytest.skip(f"the shipped CIFAR-10 sample is missing at {SAMPLE}")

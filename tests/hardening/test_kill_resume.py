@@ -147,15 +147,6 @@ def test_sigterm_writes_a_resume_point_and_exits_130_saying_how_to_resume(tmp_pa
     assert_same_as_reference(run_dir, _reference_dir(reference))
 
 
-@pytest.fixture
-def one_thread():
-    """In-process training on a shared CPU: one torch thread runs fastest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_training_again(tmp_path, monkeypatch,
                                                                                         one_thread):
     """The one moment a resume point is complete but the stage is not: --resume only writes the checkpoint."""

@@ -26,13 +26,7 @@ from sample_kit import SAMPLE, tiny_recipe_dict
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPU is shared with other work: one torch thread runs fastest there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _method(n_images: int) -> MoCo:

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from kt_edge.errors import DataError
-from kt_edge.features import FeatureStore, extract
+from kt_edge.features import extract
 from kt_edge.transfer.cluster import (
     ClusterModel,
     PCAWhitening,
