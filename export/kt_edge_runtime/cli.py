@@ -79,7 +79,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_bundle
 
     manifest = load_bundle(args.bundle)
-    reports = verify_bundle(args.bundle, args.backend, args.precision, _providers(args))
+    reports = verify_bundle(args.bundle, args.backend, args.precision, _providers(args), manifest)
     failed = 0
     for report in reports:
         where = manifest.models[report.precision].file
