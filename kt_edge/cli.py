@@ -1,4 +1,4 @@
-"""The ``kt-edge`` command line: parse, load the recipe, call one pipeline function."""
+"""The ``kt-edge`` command line: parse, load the recipe, call one stage function."""
 
 from __future__ import annotations
 
@@ -62,18 +62,18 @@ def _recipe(path: Path, overrides: list[str] | None):
 @_friendly
 def run_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
     """Run every stage: train (or import) the teacher, distil, evaluate, export and verify the bundle."""
-    from kt_edge import pipeline
+    from kt_edge.stages.run import run_all
 
-    pipeline.run_all(_recipe(recipe, set_), resume)
+    run_all(_recipe(recipe, set_), resume)
 
 
 @app.command("train-teacher")
 @_friendly
 def train_teacher_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
     """Train the teacher with its self-supervised method, or import teacher.checkpoint."""
-    from kt_edge import pipeline
+    from kt_edge.stages.teacher import train_teacher
 
-    pipeline.train_teacher(_recipe(recipe, set_), resume)
+    train_teacher(_recipe(recipe, set_), resume)
 
 
 class FeatureSplit(str, Enum):
@@ -87,45 +87,45 @@ def features_cmd(recipe: RecipeArg,
                  split: Annotated[FeatureSplit, typer.Option(help="which data split to embed")] = FeatureSplit.train,
                  set_: SetOpt = None):
     """Extract the run teacher's features of a split to runs/<name>/features/<split>/ (resumes finished shards)."""
-    from kt_edge import pipeline
+    from kt_edge.stages.features import features_stage
 
-    pipeline.features_stage(_recipe(recipe, set_), split.value)
+    features_stage(_recipe(recipe, set_), split.value)
 
 
 @app.command("cluster")
 @_friendly
 def cluster_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """k-means on the teacher's features (recipe section cluster); save centroids, pseudo-labels and a report."""
-    from kt_edge import pipeline
+    from kt_edge.stages.cluster import cluster_stage
 
-    pipeline.cluster_stage(_recipe(recipe, set_))
+    cluster_stage(_recipe(recipe, set_))
 
 
 @app.command("distill")
 @_friendly
 def distill_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
     """Distil the run's teacher into the student with distill.method."""
-    from kt_edge import pipeline
+    from kt_edge.stages.distill import distill
 
-    pipeline.distill(_recipe(recipe, set_), resume)
+    distill(_recipe(recipe, set_), resume)
 
 
 @app.command("eval")
 @_friendly
 def eval_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """Score teacher, student and a random-init student by weighted k-NN on data.test."""
-    from kt_edge import pipeline
+    from kt_edge.stages.evaluate import evaluate
 
-    pipeline.evaluate(_recipe(recipe, set_))
+    evaluate(_recipe(recipe, set_))
 
 
 @app.command("export")
 @_friendly
 def export_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """Write the device bundle (ONNX, golden vectors, manifest) and check it against PyTorch."""
-    from kt_edge import pipeline
+    from kt_edge.stages.export import export
 
-    pipeline.export(_recipe(recipe, set_))
+    export(_recipe(recipe, set_))
 
 
 data_app = typer.Typer(help="Prepare data for fast training.", no_args_is_help=True)
@@ -143,9 +143,9 @@ def data_cache_cmd(recipe: RecipeArg,
                    split: Annotated[DataSplit, typer.Option(help="which data split to decode")] = DataSplit.train,
                    set_: SetOpt = None):
     """Decode a split once into a uint8 array at data.image_size (resumable); train on it with data.cache: true."""
-    from kt_edge import pipeline
+    from kt_edge.stages.inputs import cache_data
 
-    pipeline.cache_data(_recipe(recipe, set_), split.value)
+    cache_data(_recipe(recipe, set_), split.value)
 
 
 @app.command("report")
@@ -197,3 +197,5 @@ def methods_cmd():
             typer.echo(f"{section}.method: {name}  ({(method.__doc__ or '').strip().splitlines()[0]})")
             for key, value in method.Options().model_dump().items():
                 typer.echo(f"    {section}.options.{key} = {value}")
+    typer.echo("distill.method may also be any teacher method: the student then trains alone, with no teacher "
+               "(the baseline distillation must beat)")

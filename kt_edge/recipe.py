@@ -113,9 +113,11 @@ class DistillConfig(Strict):
 
     @model_validator(mode="after")
     def _check_method(self) -> "DistillConfig":
+        from kt_edge.teachers import TEACHERS
         from kt_edge.transfer import DISTILLERS
 
-        self.options = _validate_options("distill", self.method, self.options, DISTILLERS)
+        # A teacher method here trains the student alone: the baseline distillation must beat.
+        self.options = _validate_options("distill", self.method, self.options, {**DISTILLERS, **TEACHERS})
         return self
 
 
@@ -146,6 +148,7 @@ class EvalConfig(Strict):
     knn: list[KnnConfig] = Field(default_factory=lambda: [KnnConfig(k=200, t=0.1), KnnConfig(k=20, t=0.07)])
     linear: Linear = Field(default_factory=Linear)
     transfer: Transfer | None = None
+    teacher: bool = True  # also score the teacher (off when a shared teacher is scored once elsewhere)
     baseline: bool = True  # also score a random-init student, the floor distillation must beat
 
     @field_validator("protocols")

@@ -6,6 +6,9 @@ A method may define ``needs(options) -> str | None``:
   method's ``training_set(images, labels, options)`` and passes ``n_classes`` to the constructor;
 - "cached_features": the teacher is a ``CachedTeacher`` of extracted features and the batch's
   label slot holds each image's index.
+
+``distill.method`` may also name a teacher method (``moco``, ...): the student then trains alone,
+with no teacher, which is the self-supervised baseline every distillation method must beat.
 """
 
 from kt_edge.transfer.compress import Compress

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from kt_edge import atomic, pipeline
+from kt_edge import atomic
 from kt_edge.errors import DataError
 from kt_edge.evaluate.protocols import evaluate_model
 from kt_edge.evaluate.report import read_curves, write_report
 from kt_edge.models.checkpoint import load_backbone
 from kt_edge.recipe import recipe_from_dict
+from kt_edge.stages.distill import distill
+from kt_edge.stages.export import export
+from kt_edge.stages.inputs import labelled_splits
+from kt_edge.stages.teacher import train_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "cifar10"
@@ -39,13 +43,13 @@ def full_run(tmp_path_factory, one_thread) -> Path:
         "distill": {"student": "alexnet", "method": "seed", "train": train, "options": {"queue": 64, "hidden": 64}},
         "eval": {"knn": [{"k": 20, "t": 0.07}], "protocols": ["knn", "clusters"]},
     })
-    pipeline.train_teacher(recipe)
-    pipeline.distill(recipe)
-    bank, test = pipeline.labelled_splits(recipe)
+    train_teacher(recipe)
+    distill(recipe)
+    bank, test = labelled_splits(recipe)
     results = {stage: evaluate_model(load_backbone(recipe.run_dir / stage)[0], bank, test, recipe.eval, device="cpu")
                for stage in ("teacher", "student")}
     atomic.write_json(recipe.run_dir / "eval" / "results.json", results)
-    pipeline.export(recipe)
+    export(recipe)
     from kt_edge_runtime.cli import main as runtime_cli
 
     bundle = recipe.run_dir / "bundle"

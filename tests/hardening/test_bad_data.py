@@ -14,7 +14,7 @@ from kt_edge.data.sources import open_images
 from kt_edge.errors import DataError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.frozen import FrozenTeacher
-from kt_edge.pipeline import labelled_splits
+from kt_edge.stages.inputs import labelled_splits
 from kt_edge.recipe import recipe_from_dict
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS

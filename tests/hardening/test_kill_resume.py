@@ -150,7 +150,7 @@ def test_sigterm_writes_a_resume_point_and_exits_130_saying_how_to_resume(tmp_pa
 def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_training_again(tmp_path, monkeypatch,
                                                                                         one_thread):
     """The one moment a resume point is complete but the stage is not: --resume only writes the checkpoint."""
-    from kt_edge import pipeline
+    from kt_edge.stages import teacher
     from kt_edge.recipe import load_recipe
 
     class Killed(BaseException):
@@ -160,17 +160,17 @@ def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_trainin
         raise Killed
 
     recipe = load_recipe(write_recipe(tmp_path), ["teacher.train.max_steps=2"])
-    monkeypatch.setattr(pipeline, "save_backbone", killed)
+    monkeypatch.setattr(teacher, "save_backbone", killed)
     with pytest.raises(Killed):
-        pipeline.train_teacher(recipe)
+        teacher.train_teacher(recipe)
     monkeypatch.undo()
     out, log = recipe.run_dir / "teacher", recipe.run_dir / "metrics.jsonl"
     assert resume_step(recipe.run_dir) == 2 and not (out / "model.json").exists()
     steps_logged = log.read_text()
 
-    pipeline.train_teacher(recipe, resume=True)
+    teacher.train_teacher(recipe, resume=True)
     assert log.read_text() == steps_logged  # no step was run again
     assert (out / "model.json").is_file()
     written = (out / "model.safetensors").stat().st_mtime_ns
-    pipeline.train_teacher(recipe, resume=True)  # complete: not redone
+    teacher.train_teacher(recipe, resume=True)  # complete: not redone
     assert (out / "model.safetensors").stat().st_mtime_ns == written

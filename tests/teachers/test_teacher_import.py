@@ -189,14 +189,14 @@ def test_a_timm_model_in_hub_layout_imports_and_reloads(tmp_path):
 
 
 def test_the_teacher_stage_imports_an_official_checkpoint_for_distillation(tmp_path, reference, tiny_recipe):
-    from kt_edge import pipeline
+    from kt_edge.stages.teacher import train_teacher
     from kt_edge.recipe import load_recipe
 
     model, plain, probe = reference
     torch.save(layouts(plain)["moco"], tmp_path / "moco_v2.pth.tar")
     recipe = load_recipe(tiny_recipe(teacher={"arch": "resnet18", "checkpoint": str(tmp_path / "moco_v2.pth.tar"),
                                               "format": "moco"}))
-    folder = pipeline.train_teacher(recipe)
+    folder = train_teacher(recipe)
     teacher, card = load_backbone(folder)
     assert card["method"] == "imported" and card["arch"] == "resnet18"
     with torch.no_grad():

@@ -17,7 +17,7 @@ from kt_edge.cli import app
 from kt_edge.features import FeatureStore
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import read_sidecar, save_backbone
-from kt_edge.pipeline import distill_needs, student_inputs, teacher_inputs
+from kt_edge.stages.inputs import distill_needs, student_inputs, teacher_inputs
 from kt_edge.recipe import load_recipe, recipe_from_dict
 from kt_edge.transfer.cluster import load_centroids
 
@@ -136,7 +136,7 @@ def test_what_distill_needs_decides_the_extra_stages(tmp_path):
     cluster = recipe_from_dict(base)
     seed = recipe_from_dict(base, ["distill.method=seed", "distill.options={queue: 32}"])
     cached = recipe_from_dict(base, ["distill.method=compress", "distill.options={teacher_features: cached}"])
-    assert (distill_needs(cluster), distill_needs(seed), distill_needs(cached)) == ("pseudo_labels", None,
+    assert (distill_needs(cluster), distill_needs(seed), distill_needs(cached)) == ("pseudo_labels", "teacher",
                                                                                     "cached_features")
     # the cluster section is an input of the student only when the student learns pseudo-labels
     assert student_inputs(cluster) != student_inputs(recipe_from_dict(base, ["cluster.k=7"]))

@@ -1,0 +1,115 @@
+"""What a stage reads: the run directory, the digests that decide whether it reruns, and its images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from kt_edge import atomic
+from kt_edge.data.augment import eval_transform
+from kt_edge.data.cache import cached_source
+from kt_edge.data.sources import Images, open_source
+from kt_edge.engine import distributed
+from kt_edge.errors import DataError
+from kt_edge.models.checkpoint import read_sidecar
+from kt_edge.recipe import Recipe
+from kt_edge.teachers import TEACHERS
+from kt_edge.transfer import DISTILLERS
+
+console = Console(stderr=True)
+
+
+def prepare(recipe: Recipe) -> Path:
+    """Join torchrun's process group if there is one; create the run directory and record the resolved recipe."""
+    distributed.init_from_env(recipe.device)
+    run_dir = recipe.run_dir
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    return run_dir
+
+
+def training_images(recipe: Recipe, source=None) -> Images:
+    """A training split (data.train by default): its uint8 cache when data.cache is set, else the files."""
+    source = source or recipe.data.train
+    if recipe.data.cache:
+        return cached_source(source, recipe.data.image_size, recipe.seed, recipe.data.cache_dir,
+                             workers=recipe.data.workers)
+    return open_source(source, recipe.seed)
+
+
+def cache_data(recipe: Recipe, split: str = "train") -> Path:
+    """Decode data.<split> once into the uint8 cache that training reads with data.cache: true."""
+    source = {"train": recipe.data.train, "test": recipe.data.test}.get(split)
+    if source is None:
+        raise DataError(f"no data.{split} in the recipe" if split in ("train", "test")
+                        else f"unknown split {split!r}; choose train or test")
+    images = cached_source(source, recipe.data.image_size, recipe.seed, recipe.data.cache_dir,
+                           workers=recipe.data.workers)
+    console.print(f"cache: {len(images)} images of data.{split} at {recipe.data.image_size}px in {images.root}")
+    return images.root
+
+
+def up_to_date(folder: Path, inputs: str) -> bool:
+    """A stage's output exists and was made from these inputs (its sidecar says so)."""
+    card = read_sidecar(folder)
+    return card is not None and card.get("inputs") == inputs
+
+
+def teacher_inputs(recipe: Recipe) -> str:
+    return recipe.digest("seed", "data.train", "data.image_size", "teacher")
+
+
+def student_inputs(recipe: Recipe) -> str:
+    needs = distill_needs(recipe)
+    keys = ["seed", "data.train", "data.image_size", "distill"]
+    if needs != "nothing":
+        keys.insert(3, "teacher")
+    if needs == "pseudo_labels":
+        keys.append("cluster")
+    return recipe.digest(*keys)
+
+
+def distill_needs(recipe: Recipe) -> str:
+    """What distill.method needs first: "teacher" (the trained teacher network), "pseudo_labels" (cluster
+    stage), "cached_features" (features), or "nothing" (a teacher method: the student trains alone, the
+    self-supervised baseline distillation must beat)."""
+    if recipe.distill.method in TEACHERS:
+        return "nothing"
+    needs = getattr(DISTILLERS[recipe.distill.method], "needs", None)
+    return (needs(recipe.distill.options) if needs else None) or "teacher"
+
+
+FEATURE_SPLITS = {"train": "data.train", "test": "data.test", "assign_to": "cluster.assign_to"}
+
+
+def features_inputs(recipe: Recipe, split: str) -> str:
+    return f"{teacher_inputs(recipe)}-{split}-{recipe.digest(FEATURE_SPLITS[split])}"
+
+
+def cluster_inputs(recipe: Recipe) -> str:
+    return recipe.digest("seed", "data.train", "data.image_size", "teacher", "cluster")
+
+
+def labelled_splits(recipe: Recipe) -> tuple[Images, Images]:
+    """The k-NN bank (train split) and the scored split, both labelled and with the same classes."""
+    if recipe.data.test is None:
+        raise DataError("evaluation needs a labelled split: set data.test in the recipe")
+    train_set = open_source(recipe.data.train, recipe.seed)
+    test_set = open_source(recipe.data.test, recipe.seed)
+    for split in (train_set, test_set):
+        if not split.labelled:
+            raise DataError(f"{split.name}: evaluation needs labels (an ImageFolder tree or CIFAR-10 pickles)")
+    if train_set.classes != test_set.classes:
+        only_train = sorted(set(train_set.classes) - set(test_set.classes))
+        only_test = sorted(set(test_set.classes) - set(train_set.classes))
+        raise DataError(f"classes differ between {train_set.name} ({len(train_set.classes)}) and "
+                        f"{test_set.name} ({len(test_set.classes)}): only in the first {_few(only_train)}, "
+                        f"only in the second {_few(only_test)}")
+    transform = eval_transform(recipe.data.image_size)
+    return train_set.with_transform(transform), test_set.with_transform(transform)
+
+
+def _few(names: list[str]) -> str:
+    return "[" + ", ".join(names[:5]) + (f", ... {len(names)} in all" if len(names) > 5 else "") + "]"

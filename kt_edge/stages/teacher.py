@@ -1,0 +1,41 @@
+"""The teacher stage: train teacher.method, or import teacher.checkpoint, into runs/<name>/teacher/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kt_edge.engine import distributed
+from kt_edge.models.backbones import at_layer, build_backbone
+from kt_edge.models.checkpoint import save_backbone
+from kt_edge.models.importers import import_teacher
+from kt_edge.recipe import Recipe
+from kt_edge.stages.inputs import console, prepare, teacher_inputs, training_images, up_to_date
+from kt_edge.stages.training import train_stage
+from kt_edge.teachers import TEACHERS
+
+
+def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
+    out = prepare(recipe) / "teacher"
+    inputs = teacher_inputs(recipe)
+    if up_to_date(out, inputs):
+        console.print(f"teacher: up to date in {out}")
+        return out
+    cfg = recipe.teacher
+    if cfg.checkpoint is not None:
+        backbone = import_teacher(cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format, cfg.layer)
+        save_backbone(backbone, out, stage="teacher", method="imported", source=str(cfg.checkpoint), inputs=inputs)
+        console.print(f"teacher: imported {cfg.checkpoint} -> {out}")
+        return out
+    data = training_images(recipe)
+    torch.manual_seed(recipe.seed)
+    backbone = build_backbone(cfg.arch, recipe.data.image_size)
+    method = TEACHERS[cfg.method](backbone, cfg.options, n_images=len(data))
+    result = train_stage(recipe, method, data, cfg.train, out, "teacher", resume, inputs)
+    if distributed.is_main():
+        backbone = at_layer(method.backbone, cfg.layer) if cfg.layer else method.backbone
+        save_backbone(backbone, out, stage="teacher", method=cfg.method, inputs=inputs,
+                      steps=result.steps, final_loss=result.final_loss)
+    distributed.barrier()
+    return out
