@@ -50,3 +50,14 @@ def test_metric_input_errors():
         nmi(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="labelled"):
         cluster_alignment(np.zeros((5, 2), np.float32), -np.ones(5, int))
+
+
+def test_restarts_keep_the_lowest_objective_run():
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(-10, 10, size=(10, 2))
+    labels = np.repeat(np.arange(10), 40)
+    feats = (centres[labels] + rng.normal(scale=0.6, size=(400, 2))).astype(np.float32)
+    single = [cluster_alignment(feats, labels, seed=s, restarts=1, normalize=False) for s in range(5)]
+    best = [cluster_alignment(feats, labels, seed=s, restarts=5, normalize=False) for s in range(5)]
+    assert all(b["objective"] <= s["objective"] + 1e-3 for b, s in zip(best, single))
+    assert any(b["objective"] < s["objective"] - 1e-3 for b, s in zip(best, single))
