@@ -58,10 +58,28 @@ def test_bundle_is_verified_and_hash_checked(trained_run):
 
 def test_finished_stages_are_not_redone(trained_run):
     recipe, run_dir, _ = trained_run
-    before = (run_dir / "student" / "model.safetensors").stat().st_mtime_ns
-    result = invoke("distill", recipe)
-    assert result.exit_code == 0 and "up to date" in result.output
-    assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == before
+    artifacts = {"distill": "student/model.safetensors", "eval": "eval/results.json", "export": "bundle/manifest.json"}
+    before = {cmd: (run_dir / path).stat().st_mtime_ns for cmd, path in artifacts.items()}
+    for cmd, path in artifacts.items():
+        result = invoke(cmd, recipe)
+        assert result.exit_code == 0 and "up to date" in result.output, cmd
+        assert (run_dir / path).stat().st_mtime_ns == before[cmd], cmd
+
+
+def test_eval_and_export_rerun_when_their_inputs_change_or_the_bundle_is_damaged(trained_run):
+    recipe, run_dir, _ = trained_run
+    result = invoke("eval", recipe, "-s", "eval.knn=[{k: 5, t: 0.07}]")
+    assert result.exit_code == 0 and "up to date" not in result.output
+    student = json.loads((run_dir / "eval" / "results.json").read_text())["student"]
+    assert "knn_k5_t0.07" in student and "knn_k20_t0.07" not in student
+    result = invoke("export", recipe)  # the bundle carries the results: new results, new bundle
+    assert result.exit_code == 0 and "up to date" not in result.output
+    assert "knn_k5_t0.07" in load_bundle(run_dir / "bundle").provenance["metrics"]["student"]
+    golden = run_dir / "bundle" / "golden" / "outputs.npy"
+    golden.write_bytes(golden.read_bytes()[:-8] + bytes(8))
+    result = invoke("export", recipe)
+    assert result.exit_code == 0 and "up to date" not in result.output
+    assert load_bundle(run_dir / "bundle").verified
 
 
 def test_export_fails_for_a_perturbed_model(trained_run, monkeypatch):
@@ -78,7 +96,7 @@ def test_export_fails_for_a_perturbed_model(trained_run, monkeypatch):
         onnx.save(graph, str(path))
 
     monkeypatch.setattr(bundle, "export_fp32", perturbed_export)
-    result = invoke("export", recipe)
+    result = invoke("export", recipe, "-s", "export.golden=5")  # new inputs: the bundle is built again
     assert result.exit_code == 1
     assert "model.fp32.onnx" in result.output and "worst sample" in result.output
     assert not load_bundle(run_dir / "bundle").verified

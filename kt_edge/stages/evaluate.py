@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from kt_edge import atomic
@@ -10,7 +12,7 @@ from kt_edge.errors import CheckpointError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import load_backbone, read_sidecar
 from kt_edge.recipe import Recipe
-from kt_edge.stages.inputs import console, labelled_splits, prepare
+from kt_edge.stages.inputs import console, eval_inputs, labelled_splits, prepare
 
 
 def evaluate(recipe: Recipe) -> dict:
@@ -19,6 +21,12 @@ def evaluate(recipe: Recipe) -> dict:
     from kt_edge.evaluate.protocols import evaluate_model, evaluate_transfer, transfer_splits
 
     run_dir = prepare(recipe)
+    results_path, stamp = run_dir / "eval" / "results.json", run_dir / "eval" / "inputs.txt"
+    inputs = eval_inputs(recipe)
+    if results_path.is_file() and stamp.is_file() and stamp.read_text() == inputs:
+        console.print(f"eval: up to date in {results_path}")
+        return json.loads(results_path.read_text())
+    stamp.unlink(missing_ok=True)  # it must never vouch for results of other inputs
     train_set, test_set = labelled_splits(recipe)
     device = resolve_device(recipe.device)
     models = {}
@@ -38,5 +46,6 @@ def evaluate(recipe: Recipe) -> dict:
         results[name].update(evaluate_transfer(model, recipe.eval, recipe.data.image_size, recipe.seed, device,
                                                recipe.data.workers, splits=transfer))
         console.print(f"eval: {name} " + ", ".join(f"{metric} {value:.2f}" for metric, value in results[name].items()))
-    atomic.write_json(run_dir / "eval" / "results.json", results)
+    atomic.write_json(results_path, results)
+    atomic.write_text(stamp, inputs)  # last: it vouches for the results beside it
     return results

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -82,6 +84,27 @@ def distill_needs(recipe: Recipe) -> str:
 
 
 FEATURE_SPLITS = {"train": "data.train", "test": "data.test", "assign_to": "cluster.assign_to"}
+
+
+def eval_inputs(recipe: Recipe) -> str:
+    """What eval/results.json depends on: the splits, the eval section, and the models it scores."""
+    cards = [read_sidecar(recipe.run_dir / name) or {} for name in ("teacher", "student")]
+    return _combine(recipe.digest("seed", "data.train", "data.test", "data.image_size", "eval", "distill.student"),
+                    *(card.get("inputs") for card in cards))
+
+
+def export_inputs(recipe: Recipe) -> str:
+    """What the bundle depends on: the student, the splits parity is measured on, the export section, and the
+    evaluation results it carries as provenance."""
+    card = read_sidecar(recipe.run_dir / "student") or {}
+    results = recipe.run_dir / "eval" / "results.json"
+    return _combine(recipe.digest("seed", "data.train", "data.test", "data.image_size", "export", "teacher.method",
+                                  "teacher.arch", "distill.method"), card.get("inputs"),
+                    hashlib.sha256(results.read_bytes()).hexdigest() if results.is_file() else None)
+
+
+def _combine(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def features_inputs(recipe: Recipe, split: str) -> str:
