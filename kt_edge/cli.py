@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import signal
 import warnings
 from enum import Enum
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Annotated, Callable
 import typer
 from rich.console import Console
 
-from kt_edge.errors import KtEdgeError
+from kt_edge.errors import Interrupted, KtEdgeError
 
 app = typer.Typer(
     help="Distil a large self-supervised teacher into a small student and export it to NVIDIA Jetson.\n\n"
@@ -27,6 +28,13 @@ SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="override a recip
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the last resume point of a stopped stage")]
 
 
+def _stopped(signum: int, _frame=None) -> None:
+    """SIGTERM (and Ctrl-C) outside a training loop, which handles them itself: stop with one line."""
+    name = signal.Signals(signum).name
+    raise Interrupted(f"stopped by {name}; finished work (whole artifacts, feature shards) is kept: run the same "
+                      "command again to go on")
+
+
 def _friendly(func: Callable) -> Callable:
     """User errors become one red line and a non-zero exit code instead of a traceback."""
 
@@ -34,10 +42,17 @@ def _friendly(func: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("kt_edge").setLevel(logging.INFO)
+        try:
+            previous = signal.signal(signal.SIGTERM, _stopped)
+        except ValueError:  # not the main thread: signals stay as they are
+            previous = None
         with warnings.catch_warnings():
             warnings.showwarning = lambda msg, *a, **k: err.print(f"[yellow]warning:[/] {msg}")
             try:
-                return func(*args, **kwargs)
+                try:
+                    return func(*args, **kwargs)
+                except KeyboardInterrupt:
+                    _stopped(signal.SIGINT)
             except KtEdgeError as exc:
                 err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
@@ -48,6 +63,9 @@ def _friendly(func: Callable) -> Callable:
                           "free space and run the same command again (with --resume for training)",
                           highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

@@ -27,3 +27,9 @@ class CheckpointError(KtEdgeError):
 
 class TrainingError(KtEdgeError):
     """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""
+
+
+class Interrupted(KtEdgeError):
+    """SIGINT or SIGTERM: finished work (a resume point, finished shards, whole artifacts) is kept."""
+
+    exit_code = 130

@@ -35,16 +35,10 @@ from kt_edge.data.augment import SeededViews
 from kt_edge.data.feed import ArrayBatches
 from kt_edge.data.gpu_augment import BatchAugment
 from kt_edge.engine import distributed
-from kt_edge.errors import CheckpointError, DataError, KtEdgeError, TrainingError
+from kt_edge.errors import CheckpointError, DataError, Interrupted, KtEdgeError, TrainingError
 from kt_edge.models.frozen import FrozenTeacher
 
 RESUME = "resume.pt"
-
-
-class Interrupted(KtEdgeError):
-    """SIGINT or SIGTERM: a resume point was written."""
-
-    exit_code = 130
 
 
 @dataclass

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import signal
+import time
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from typer.testing import CliRunner
 
 from kt_edge.cli import app
 from kt_edge.data.sources import open_images
-from kt_edge.engine.trainer import RESUME, Interrupted, train
+from kt_edge.engine.trainer import RESUME, train
+from kt_edge.errors import Interrupted
 from kt_edge.errors import CheckpointError, KtEdgeError, TrainingError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import TrainConfig
@@ -101,6 +103,26 @@ def test_sigint_writes_a_resume_point_and_stops(tmp_path, data):
     assert exc.value.exit_code == 130
     assert torch.load(tmp_path / RESUME, weights_only=True)["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_outside_training_stops_a_stage_with_one_line_and_130(tmp_path, tiny_recipe, monkeypatch, signum):
+    from typer.testing import CliRunner
+
+    from kt_edge.cli import app
+    from kt_edge.stages import evaluate
+
+    def stopped_midway(recipe):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not stop the stage")
+
+    monkeypatch.setattr(evaluate, "evaluate", stopped_midway)
+    result = CliRunner().invoke(app, ["eval", str(tiny_recipe())])
+    assert result.exit_code == 130
+    assert f"stopped by {signal.Signals(signum).name}; finished work" in result.output
+    assert "Traceback" not in result.output
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
 
 
 class _Evil:
