@@ -107,3 +107,17 @@ def test_stage_out_of_order_is_a_clear_error(tmp_path, tiny_recipe):
     result = invoke("distill", recipe)
     assert result.exit_code == 2
     assert "run `kt-edge train-teacher` first" in result.output
+
+
+def test_run_skips_finished_stages_and_ends_with_both_tables(trained_run):
+    recipe, run_dir, _ = trained_run
+    result = invoke("run", recipe)  # eval and export run again: the tests above left other inputs behind
+    assert result.exit_code == 0, result.output
+    assert "teacher: up to date" in result.output and "student: up to date" in result.output
+    assert "random-init" in result.output and "knn_k20_t0.07" in result.output
+    assert "export parity" in result.output and "PASS" in result.output
+    assert load_bundle(run_dir / "bundle").verified
+    again = invoke("run", recipe)
+    for stage in ("teacher", "student", "eval", "export"):
+        assert f"{stage}: up to date" in again.output
+    assert again.output.count("PASS") == result.output.count("PASS")
