@@ -44,7 +44,8 @@ METHODS = {  # grid name -> (teacher method, distill.method, options); no teache
     "compress-1q": ("moco", "compress", {"variant": "1q", "bank": SIZE}),
     "compress-2q": ("moco", "compress", {"variant": "2q", "bank": SIZE}),
     "regress": ("moco", "regress", {}),
-    "cluster": ("jigsaw_pp", "cluster", {}),
+    "cluster": ("jigsaw_pp", "cluster", {}),  # Noroozi et al.: pseudo-labels from a Jigsaw++ teacher
+    "cluster-moco": ("moco", "cluster", {}),  # ClusterFit: the same from the MoCo v2 teacher
     "moco-alone": (None, "moco", None),  # None: the recipe teacher's own MoCo v2 options
 }
 STUDENTS = ("resnet18", "alexnet")
