@@ -39,14 +39,15 @@ from kt_edge.recipe import Recipe, load_recipe, recipe_from_dict  # noqa: E402
 from kt_edge_runtime.bench import machine_name  # noqa: E402
 
 SIZE = "<size>"  # stands for the recipe's distill.options.queue: one queue / bank size for every method
-METHODS = {  # grid name -> (teacher method, distill.method, options); no teacher: the student trains alone
-    "seed": ("moco", "seed", {"queue": SIZE}),
-    "compress-1q": ("moco", "compress", {"variant": "1q", "bank": SIZE}),
-    "compress-2q": ("moco", "compress", {"variant": "2q", "bank": SIZE}),
-    "regress": ("moco", "regress", {}),
+RECIPE = "recipe"  # stands for the recipe's own teacher (its method and options)
+METHODS = {  # grid name -> (teacher, distill.method, options); no teacher: the student trains alone
+    "seed": (RECIPE, "seed", {"queue": SIZE}),
+    "compress-1q": (RECIPE, "compress", {"variant": "1q", "bank": SIZE}),
+    "compress-2q": (RECIPE, "compress", {"variant": "2q", "bank": SIZE}),
+    "regress": (RECIPE, "regress", {}),
     "cluster": ("jigsaw_pp", "cluster", {}),  # Noroozi et al.: pseudo-labels from a Jigsaw++ teacher
-    "cluster-moco": ("moco", "cluster", {}),  # ClusterFit: the same from the MoCo v2 teacher
-    "moco-alone": (None, "moco", None),  # None: the recipe teacher's own MoCo v2 options
+    "clusterfit": (RECIPE, "cluster", {}),  # ClusterFit (Yan et al. 2020): the same from the recipe's teacher
+    "alone": (None, RECIPE, None),  # the baseline: the student trained with the teacher's own method
 }
 STUDENTS = ("resnet18", "alexnet")
 
@@ -91,12 +92,22 @@ def teacher_cell(base: Recipe, method: str, runs_dir: Path) -> tuple[Path, dict]
     return recipe.run_dir / "teacher", {**cached(recipe, compute), "model": f"teacher {recipe.teacher.arch} {method}"}
 
 
+def teacher_of(base: Recipe, name: str) -> str | None:
+    """The teacher method a grid method learns from (None: it trains alone)."""
+    teacher = METHODS[name][0]
+    return base.teacher.method if teacher == RECIPE else teacher
+
+
+def label(base: Recipe, name: str) -> str:
+    return f"{base.teacher.method}-alone" if name == "alone" else name
+
+
 def student_recipe(base: Recipe, student: str, name: str, teacher_dir: Path | None, runs_dir: Path,
                    floor: bool) -> Recipe:
     """The recipe of one student cell: the base recipe's budget, the grid's method, the shared teacher imported."""
-    teacher_method, method, options = METHODS[name]
-    if options is None:
-        options = base.teacher.options
+    teacher_method, (_, method, options) = teacher_of(base, name), METHODS[name]
+    if method == RECIPE:
+        method, options = base.teacher.method, base.teacher.options
     size = base.distill.options.get("queue")
     options = {key: size if value == SIZE else value for key, value in options.items()}
     if method == base.distill.method:
@@ -114,7 +125,6 @@ def student_cell(base: Recipe, student: str, name: str, teacher_dir: Path | None
                  floor: bool) -> list[dict]:
     """One distillation (or alone) cell; with ``floor`` also the random-init student, scored in the same pass."""
     recipe = student_recipe(base, student, name, teacher_dir, runs_dir, floor)
-    teacher_method = METHODS[name][0]
 
     def compute():
         try:
@@ -124,14 +134,14 @@ def student_cell(base: Recipe, student: str, name: str, teacher_dir: Path | None
             results = json.loads((recipe.run_dir / "eval" / "results.json").read_text())
             parity = json.loads((recipe.run_dir / "bundle" / "manifest.json").read_text())["parity"]["results"]
             failure = str(exc)
-        return {"role": "alone" if teacher_dir is None else "student", "arch": student, "method": name,
-                "teacher": teacher_method,
+        return {"role": "alone" if teacher_dir is None else "student", "arch": student, "method": label(base, name),
+                "teacher": teacher_of(base, name),
                 "images_seen": images_seen(recipe.run_dir / "student", recipe.distill.train.batch_size),
                 "metrics": results["student"], "random_init": results.get("random_init"),
                 "export": {p: r["accuracy"] for p, r in parity.items()}, "export_failure": failure}
 
     row = cached(recipe, compute)
-    rows = [{**row, "model": f"{student} {name}"}]
+    rows = [{**row, "model": f"{student} {label(base, name)}"}]
     if row.get("random_init"):
         rows.insert(0, {"role": "random-init", "arch": student, "method": "random-init",
                         "model": f"{student} random-init", "metrics": row["random_init"]})
@@ -141,14 +151,14 @@ def student_cell(base: Recipe, student: str, name: str, teacher_dir: Path | None
 def run_grid(base: Recipe, students: list[str], methods: list[str], runs_dir: Path) -> list[dict]:
     runs_dir = runs_dir / base.name
     rows, teachers = [], {}
-    for method in dict.fromkeys(METHODS[m][0] for m in methods if METHODS[m][0]):
+    for method in dict.fromkeys(teacher_of(base, m) for m in methods if teacher_of(base, m)):
         teachers[method], row = teacher_cell(base, method, runs_dir)
         rows.append(row)
         print(f"{base.name}: {row['model']} done ({row['wall_seconds']:.0f} s)", flush=True)
     for student in students:
         for i, name in enumerate(methods):
-            teacher = METHODS[name][0]
-            for row in student_cell(base, student, name, teachers.get(teacher), runs_dir, floor=i == 0):
+            for row in student_cell(base, student, name, teachers.get(teacher_of(base, name)), runs_dir,
+                                    floor=i == 0):
                 rows.append(row)
                 print(f"{base.name}: {row['model']} done ({row.get('wall_seconds', 0):.0f} s)", flush=True)
     return [{"dataset": base.name, **row} for row in rows]

@@ -25,7 +25,7 @@ def grid(tmp_path_factory):
     for section in ("teacher", "distill"):
         data[section]["train"]["max_steps"] = 2
     (root / "tiny.yaml").write_text(yaml.safe_dump(data))
-    args = [str(root / "tiny.yaml"), "--students", "alexnet", "--methods", "seed,moco-alone",
+    args = [str(root / "tiny.yaml"), "--students", "alexnet", "--methods", "seed,alone",
             "--runs-dir", str(root / "runs"), "--out", str(root / "grid.json")]
     quality.main(args)
     return root, args
@@ -67,7 +67,7 @@ def test_every_cell_of_the_shipped_grids_is_a_valid_recipe(name, tmp_path):
     images = base.data.train.subset or {"cifar10": 50_000, "imagenette": 9_469}[name]
     for student in quality.STUDENTS:
         for method in quality.METHODS:
-            teacher = None if method == "moco-alone" else tmp_path / "teacher"
+            teacher = None if method == "alone" else tmp_path / "teacher"
             recipe = quality.student_recipe(base, student, method, teacher, tmp_path, floor=False)
             assert recipe.distill.student == student and "int8" in recipe.export.precisions
             assert recipe.distill.train == base.distill.train  # the same budget in every cell
