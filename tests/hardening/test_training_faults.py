@@ -88,7 +88,15 @@ def test_weights_turning_inf_stop_before_they_reach_a_resume_point(tmp_path, dat
     assert state["step"] == 2 and _finite(state["method"])
 
 
-def test_sigint_writes_a_resume_point_and_stops(tmp_path, data):
+@pytest.fixture
+def sigint_raises():
+    """Ctrl-C as in a terminal, even where the test runner was started with SIGINT ignored (a background job)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_writes_a_resume_point_and_stops(tmp_path, data, sigint_raises):
     method = _method(len(data))
     original = method.after_step
 
@@ -106,7 +114,8 @@ def test_sigint_writes_a_resume_point_and_stops(tmp_path, data):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_outside_training_stops_a_stage_with_one_line_and_130(tmp_path, tiny_recipe, monkeypatch, signum):
+def test_a_signal_outside_training_stops_a_stage_with_one_line_and_130(tmp_path, tiny_recipe, monkeypatch, signum,
+                                                                        sigint_raises):
     from typer.testing import CliRunner
 
     from kt_edge.cli import app
