@@ -4,12 +4,12 @@ SEED (Fang et al., ICLR 2021) lifts a ResNet-18 from 52.5 to 57.6 ImageNet linea
 teacher; CompRess (Koohpayegani et al. 2020) puts a distilled AlexNet above its supervised counterpart. This
 grid measures that claim on each recipe's data. Per recipe, every teacher is trained once (the recipe's own,
 and Jigsaw++ on the same architecture for the Noroozi et al. cluster path) and imported by every student cell.
-Each student is distilled by every method, trained alone with the teacher's MoCo v2 for the same budget (the
-baseline), and scored at random init (the floor). Every trained student is exported, and the int8 model's k-NN
-is measured on its bundle.
+Each student is distilled by every method, trained alone with the teacher's own method for the same budget
+(the baseline, `alone`), and scored at random init (the floor). Every trained student is exported, and the
+int8 model's k-NN is measured on its bundle.
 
-    python benchmarks/quality.py recipes/cifar10-cpu.yaml recipes/imagenette-cpu.yaml
-    python benchmarks/quality.py recipes/cifar10.yaml --students resnet18 --methods seed,moco-alone
+    python benchmarks/quality.py recipes/cifar10-cpu.yaml
+    python benchmarks/quality.py recipes/cifar10.yaml recipes/imagenette.yaml --students resnet18 --methods seed,alone
 
 Writes benchmarks/results/quality-<recipe names>.{json,md}. Each cell is a run directory under --runs-dir that
 keeps its row once done, so a stopped grid picks up where it stopped.
