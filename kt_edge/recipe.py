@@ -18,13 +18,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kt_edge.errors import RecipeError
 
 
-def _validate_options(section: str, method: str, options: dict, registry: dict) -> dict:
+def _validate_options(section: str, method: str, options: dict, registry: dict, batch_size: int) -> dict:
+    """The method's options, validated by its own model; its queues and banks checked against the global batch."""
+    from kt_edge.engine.queue import check_queue_batch, queue_options
+
     if method not in registry:
         raise ValueError(f"unknown {section}.method {method!r}; choose from {', '.join(sorted(registry))}")
     try:
-        return registry[method].Options.model_validate(options).model_dump(mode="json")
+        validated = registry[method].Options.model_validate(options).model_dump(mode="json")
     except ValidationError as exc:
         raise ValueError(_first_error(exc, prefix=f"{section}.options")) from None
+    for name in queue_options(registry[method].Options):
+        check_queue_batch(f"{section}.options.{name}", validated[name], batch_size, f"{section}.train.batch_size")
+    return validated
 
 
 def _first_error(exc: ValidationError, prefix: str = "") -> str:
@@ -78,7 +84,15 @@ class TrainConfig(Strict):
     weight_decay: float = Field(default=5e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     warmup_epochs: float = Field(default=0.0, ge=0)
-    checkpoint_every: int = Field(default=100, ge=1, description="steps between resume points")
+    log_every: int = Field(default=10, ge=1, description="steps between logged scalars (the only host syncs of "
+                           "the loop: the NaN guard, a stop signal and a due resume point are checked there)")
+    checkpoint_every: int | None = Field(default=None, ge=1, description="steps between resume points; unset: "
+                                         "every checkpoint_minutes")
+    checkpoint_minutes: float = Field(default=5.0, gt=0, description="minutes between resume points "
+                                      "(checked every log_every steps)")
+    sync_batchnorm: bool | Literal["auto"] = Field(
+        default="auto", description="SyncBatchNorm under torchrun (GPUs only); auto: on for methods that use it in "
+        "their official code (BYOL, SimCLR, Barlow Twins)")
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # NHWC activations and weights on CUDA (faster convolutions); ignored on CPU
     compile: bool = False  # torch.compile the networks: slow first steps, faster ones after
@@ -99,7 +113,7 @@ class TeacherConfig(Strict):
     def _check_method(self) -> "TeacherConfig":
         from kt_edge.teachers import TEACHERS
 
-        self.options = _validate_options("teacher", self.method, self.options, TEACHERS)
+        self.options = _validate_options("teacher", self.method, self.options, TEACHERS, self.train.batch_size)
         if self.format != "auto" and self.checkpoint is None:
             raise ValueError(f"teacher.format {self.format!r} describes teacher.checkpoint, which is not set")
         return self
@@ -117,7 +131,8 @@ class DistillConfig(Strict):
         from kt_edge.transfer import DISTILLERS
 
         # A teacher method here trains the student alone: the baseline distillation must beat.
-        self.options = _validate_options("distill", self.method, self.options, {**DISTILLERS, **TEACHERS})
+        self.options = _validate_options("distill", self.method, self.options, {**DISTILLERS, **TEACHERS},
+                                         self.train.batch_size)
         return self
 
 

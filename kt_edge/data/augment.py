@@ -1,12 +1,12 @@
 """Image transforms: the deterministic eval view, and the MoCo v2 augmentation used for training.
 
-Randomness comes from torch's global generator only, so ``SeededViews`` can make every sample's
-augmentation a pure function of (seed, epoch, index): resume and worker count change nothing.
+Randomness comes from torch's global generator only, so the training feed (``kt_edge.data.feed``) can
+make every sample's augmentation a pure function of (seed, epoch, index): resume and worker count
+change nothing.
 """
 
 from __future__ import annotations
 
-import torch
 from torchvision import transforms as T
 
 MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: imported teachers expect them
@@ -41,31 +41,24 @@ def moco_v2(image_size: int) -> T.Compose:
     return T.Compose(steps)
 
 
-class TwoViews:
-    """Two independent augmentations of one image, for contrastive teachers."""
+def crop_flip(image_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    """Random resized crop and horizontal flip only: the official CompRess views, and DeepCluster's."""
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=scale, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
 
-    def __init__(self, transform):
-        self.transform = transform
+
+class TwoViews:
+    """Two augmentations of one image, for the joint-embedding teachers: ``first`` twice (MoCo, SimCLR), or
+    ``first`` and ``second`` (BYOL's and Barlow Twins' asymmetric pair)."""
+
+    def __init__(self, first, second=None):
+        self.first = first
+        self.second = first if second is None else second
 
     def __call__(self, image):
-        return self.transform(image), self.transform(image)
+        return self.first(image), self.second(image)
 
-
-class SeededViews(torch.utils.data.Dataset):
-    """Seeds torch's generator from (seed, epoch, index) around each sample, leaving it as it was."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        state = torch.get_rng_state()
-        torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(state)

@@ -124,7 +124,11 @@ def crop_resize(x: torch.Tensor, top, left, h, w, size: tuple[int, int], mode: s
 
 
 class Jitter:
-    """ColorJitter inside RandomApply: brightness, contrast, saturation and hue in a random order per image."""
+    """ColorJitter inside RandomApply: brightness, contrast, saturation and hue in a random order per image.
+
+    Every adjustment is computed for the whole batch and kept where an image draws it at that position
+    (``torch.where``), so the step has no data-dependent shapes and no host synchronisation.
+    """
 
     draws = 1 + 4 + 4  # apply?, four factors, four keys whose ranks give the order
     _adjust = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -133,19 +137,16 @@ class Jitter:
         self.p, self.ranges = p, list(ranges)
 
     def __call__(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        chosen = (u[:, 0] < self.p).nonzero().squeeze(1)
-        if len(chosen) == 0:
-            return x
-        y, v = x[chosen], u[chosen]
-        order = v[:, 5:9].argsort(dim=1)
+        applied = u[:, 0] < self.p
+        order = u[:, 5:9].argsort(dim=1)
         for position in range(4):
             for op, (adjust, bounds) in enumerate(zip(self._adjust, self.ranges)):
-                rows = (order[:, position] == op).nonzero().squeeze(1)
-                if bounds is None or len(rows) == 0:
+                if bounds is None:
                     continue
-                factor = bounds[0] + (bounds[1] - bounds[0]) * v[rows, 1 + op]
-                y[rows] = adjust(y[rows], factor)
-        return x.index_copy(0, chosen, y)
+                factor = bounds[0] + (bounds[1] - bounds[0]) * u[:, 1 + op]
+                chosen = applied & (order[:, position] == op)
+                x = torch.where(_column(chosen), adjust(x, factor), x)
+        return x
 
 
 class Grayscale:
@@ -175,11 +176,9 @@ class Blur:
         return pdf / pdf.sum(1, keepdim=True)
 
     def __call__(self, x, u):
-        chosen = (u[:, 0] < self.p).nonzero().squeeze(1)
-        if len(chosen) == 0:
-            return x
-        sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[chosen, 1]
-        return x.index_copy(0, chosen, gaussian_blur(x[chosen], self.kernel, sigma))
+        """Blurs the whole batch and keeps it where drawn: no data-dependent shapes, no host synchronisation."""
+        sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[:, 1]
+        return torch.where(_column(u[:, 0] < self.p), gaussian_blur(x, self.kernel, sigma), x)
 
 
 def gaussian_blur(x: torch.Tensor, kernel: tuple[int, int], sigma: torch.Tensor) -> torch.Tensor:
@@ -204,15 +203,32 @@ class Flip:
         return torch.where(_column(u[:, 0] < self.p), x.flip(-1), x)
 
 
+class Solarize:
+    """RandomSolarize: pixels at or above the threshold (on the 0..255 scale) are inverted, with probability p."""
+
+    draws = 1
+
+    def __init__(self, p: float, threshold: float):
+        self.p, self.threshold = p, threshold / 255
+
+    def __call__(self, x, u):
+        solarized = torch.where(x >= self.threshold, 1 - x, x)
+        return torch.where(_column(u[:, 0] < self.p), solarized, x)
+
+
 class Normalize:
     draws = 0
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = tuple(mean), tuple(std)
+        self._constants = {}  # (device, dtype) -> (mean, std): made once, not copied to the device each batch
 
     def __call__(self, x, u):
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        key = (x.device, x.dtype)
+        if key not in self._constants:
+            self._constants[key] = tuple(torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+                                         for v in (self.mean, self.std))
+        mean, std = self._constants[key]
         return (x - mean) / std
 
 
@@ -232,6 +248,8 @@ def _batched(step):
             return Grayscale(step.p)
         if isinstance(step, T.RandomHorizontalFlip):
             return Flip(step.p)
+        if isinstance(step, T.RandomSolarize):
+            return Solarize(step.p, step.threshold)
         if isinstance(step, T.Normalize):
             return Normalize(step.mean, step.std)
     raise DataError(f"the training transform step {step!r} has no batched version; "
@@ -239,40 +257,51 @@ def _batched(step):
 
 
 class BatchAugment:
-    """uint8 images [B, H, W, 3] and per-image uniforms -> normalised float views [B, 3, S, S] (one or two)."""
+    """uint8 images [B, H, W, 3] and per-image uniforms [B, draws] -> normalised float views [B, 3, S, S].
 
-    def __init__(self, ops: list, views: int = 1):
-        self.ops, self.views = ops, views
-        self.draws = sum(op.draws for op in ops)
+    One list of ops per view: one view (SEED, CompRess), or two (``TwoViews``: MoCo's and SimCLR's
+    symmetric pair, BYOL's and Barlow Twins' asymmetric one). ``draws`` counts every view's uniforms.
+    """
+
+    def __init__(self, views: list[list]):
+        self.view_ops = views
+        self.view_draws = [sum(op.draws for op in ops) for ops in views]
+        self.draws = sum(self.view_draws)
+
+    @property
+    def views(self) -> int:
+        return len(self.view_ops)
 
     @classmethod
     def from_transform(cls, transform) -> BatchAugment:
-        """From a method's ``train_transform``: a torchvision Compose, or ``TwoViews`` of one."""
-        views = 1
-        if isinstance(transform, TwoViews):
-            views, transform = 2, transform.transform
-        steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
-        return cls([_batched(step) for step in steps if not isinstance(step, T.ToTensor)], views)
+        """From a method's ``train_transform``: a torchvision Compose, or ``TwoViews`` of two."""
+        pipelines = [transform.first, transform.second] if isinstance(transform, TwoViews) else [transform]
+        return cls([_ops(pipeline) for pipeline in pipelines])
 
     def draw(self, keys: Sequence[int]) -> torch.Tensor:
-        """[B, views, draws] float32 uniforms, row i from a generator seeded with ``keys[i]``."""
-        out = torch.empty(len(keys), self.views * self.draws)
+        """[B, draws] float32 uniforms, row i from a generator seeded with ``keys[i]``."""
+        out = torch.empty(len(keys), self.draws)
         generator = torch.Generator()
         for row, key in enumerate(keys):
             generator.manual_seed(key)
-            out[row] = torch.rand(self.views * self.draws, generator=generator)
-        return out.view(len(keys), self.views, self.draws)
+            out[row] = torch.rand(self.draws, generator=generator)
+        return out
 
     def __call__(self, images: torch.Tensor, uniforms: torch.Tensor):
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected uint8 images [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
         x = images.permute(0, 3, 1, 2).float().div_(255)
         uniforms = uniforms.to(x.device)
-        views = []
-        for v in range(self.views):
-            y, column = x, 0
-            for op in self.ops:
-                y = op(y, uniforms[:, v, column:column + op.draws])
+        views, column = [], 0
+        for ops in self.view_ops:
+            y = x
+            for op in ops:
+                y = op(y, uniforms[:, column:column + op.draws])
                 column += op.draws
             views.append(y)
         return views[0] if self.views == 1 else tuple(views)
+
+
+def _ops(transform) -> list:
+    steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    return [_batched(step) for step in steps if not isinstance(step, T.ToTensor)]

@@ -111,7 +111,3 @@ def _with_batchnorm(features: nn.Sequential) -> nn.Sequential:
             layers.append(nn.BatchNorm2d(layer.out_channels))
     return nn.Sequential(*layers)
 
-
-def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """The MoCo v2 / SEED projection head: Linear-ReLU-Linear (BN-free, as in the official code)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))

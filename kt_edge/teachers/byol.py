@@ -3,6 +3,8 @@
 No negatives: the online encoder + projector + predictor regresses the target encoder + projector's
 output for the other view (2 - 2 cosine, symmetrised), and the target is an exponential moving
 average of the online weights whose momentum rises from ``momentum`` to 1 on a cosine schedule.
+Each view goes through the networks on its own, as in the official code, so BatchNorm statistics
+are those of one view (SyncBatchNorm over every rank's images under torchrun on GPUs).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from kt_edge.data.augment import TwoViews
+from kt_edge.engine.ema import ema_update
+from kt_edge.engine.precision import full_precision
 from kt_edge.models.backbones import Backbone
-from kt_edge.teachers.simclr import projection
-from kt_edge.teachers.views import ViewPair, byol_pair
+from kt_edge.models.heads import projection_head
+from kt_edge.teachers.views import byol_pair
 
 
 class BYOLOptions(BaseModel):
@@ -32,43 +37,48 @@ def momentum_at(step: int, total: int, base: float) -> float:
     return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
 
 
+@full_precision
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """2 - 2 cos(p, z), averaged over the batch."""
-    return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+    return (2 - 2 * F.cosine_similarity(p, z, dim=1)).mean()
 
 
 class BYOL(nn.Module):
     """BYOL (Grill et al. 2020): predict an EMA target's projection of the other view; no negatives."""
 
     Options = BYOLOptions
+    sync_batchnorm = True  # under torchrun on GPUs, as the official code
 
     def __init__(self, backbone: Backbone, options: dict, n_images: int):
         super().__init__()
         self.opts = BYOLOptions(**options)
         self.backbone = backbone
-        self.projector = projection(backbone.embed_dim, self.opts.hidden, self.opts.dim)
-        self.predictor = projection(self.opts.dim, self.opts.hidden, self.opts.dim)
+        self.projector = projection_head(backbone.embed_dim, self.opts.hidden, self.opts.dim, batchnorm=True)
+        self.predictor = projection_head(self.opts.dim, self.opts.hidden, self.opts.dim, batchnorm=True)
         self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.momentum = self.opts.momentum  # of the last update; rises to 1
 
     @staticmethod
-    def train_transform(image_size: int) -> ViewPair:
+    def train_transform(image_size: int) -> TwoViews:
         return byol_pair(image_size)
 
+    @property
+    def projection(self) -> nn.Module:
+        """The head whose output a distillation method may learn (``teacher_space: head``)."""
+        return self.projector
+
     def training_step(self, batch):
-        (v1, v2), _ = batch
-        both = torch.cat([v1, v2])
-        p1, p2 = self.predictor(self.projector(self.backbone(both))).chunk(2)
+        (v1, v2), _ = batch  # views: B x 3 x S x S
+        p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in (v1, v2))  # B x dim each
         with torch.no_grad():
-            z1, z2 = self.target_projector(self.target_backbone(both)).chunk(2)
+            z1, z2 = (self.target_projector(self.target_backbone(v)) for v in (v1, v2))
         loss = regression_loss(p1, z2) + regression_loss(p2, z1)
-        return {"loss": loss, "momentum": torch.tensor(self.momentum)}
+        return {"loss": loss, "momentum": loss.new_full((), self.momentum).detach()}
 
     @torch.no_grad()
     def after_step(self, step: int, total: int):
         """Move the target towards the online weights just updated by the optimiser."""
         self.momentum = momentum_at(step, total, self.opts.momentum)
-        for online, target in ((self.backbone, self.target_backbone), (self.projector, self.target_projector)):
-            for p, t in zip(online.parameters(), target.parameters()):
-                t.lerp_(p.detach(), 1 - self.momentum)
+        ema_update(self.target_backbone, self.backbone, self.momentum)
+        ema_update(self.target_projector, self.projector, self.momentum)

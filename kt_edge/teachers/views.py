@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from kt_edge.data.augment import MEAN, STD
+from kt_edge.data.augment import MEAN, STD, TwoViews
 
 SMALL_IMAGE = 64
 
@@ -45,15 +45,5 @@ def _blur(image_size: int) -> T.GaussianBlur:
     return T.GaussianBlur(2 * (image_size // 20) + 1, sigma=(0.1, 2.0))  # kernel about 10% of the image
 
 
-class ViewPair:
-    """(first(image), second(image)): two augmentations, possibly different ones, of one image."""
-
-    def __init__(self, first, second):
-        self.first, self.second = first, second
-
-    def __call__(self, image):
-        return self.first(image), self.second(image)
-
-
-def byol_pair(image_size: int) -> ViewPair:
-    return ViewPair(byol_view(image_size, blur=1.0, solarize=0.0), byol_view(image_size, blur=0.1, solarize=0.2))
+def byol_pair(image_size: int) -> TwoViews:
+    return TwoViews(byol_view(image_size, blur=1.0, solarize=0.0), byol_view(image_size, blur=0.1, solarize=0.2))

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from torchvision import transforms as T
 
-from kt_edge.data.augment import MEAN, STD
+from kt_edge.data.augment import crop_flip
 from kt_edge.data.sources import Images
 from kt_edge.models.backbones import Backbone
 
@@ -53,8 +52,7 @@ class ClusterTransfer(nn.Module):
     def train_transform(image_size: int):
         """DeepCluster's training augmentation, random resized crop and flip; the crop keeps at least 20% of
         the image (MoCo v2's bound) rather than 8%, which leaves little of a 32 px image."""
-        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
-                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+        return crop_flip(image_size, scale=(0.2, 1.0))
 
     def training_step(self, batch):
         images, labels = batch

@@ -73,7 +73,8 @@ def test_folder_of_only_unreadable_files(tmp_path):
 
 
 def test_dataset_smaller_than_the_batch(tmp_path):
-    result = cli(tmp_path, "train-teacher", teacher={"train": {"max_steps": 3, "batch_size": 512}})
+    result = cli(tmp_path, "train-teacher", teacher={"train": {"max_steps": 3, "batch_size": 512},
+                                                           "method": "rotation", "options": {}})
     assert_refused_up_front(result, tmp_path, "256 images is fewer than one batch of 512; lower "
                                               "teacher.train.batch_size")
 

@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from kt_edge.data.augment import MEAN, STD, TwoViews, moco_v2
 from kt_edge.data.gpu_augment import (
-    CROP_ATTEMPTS, BatchAugment, Blur, Flip, Grayscale, Jitter, Normalize, ResizedCrop, adjust_brightness,
+    CROP_ATTEMPTS, BatchAugment, Blur, Flip, Grayscale, Jitter, Normalize, ResizedCrop, Solarize, adjust_brightness,
     adjust_contrast, adjust_hue, adjust_saturation, crop_resize, gaussian_blur)
 from kt_edge.data.sources import open_images
 from kt_edge.errors import DataError
@@ -24,15 +24,42 @@ def _images(n=8, size=32, seed=0):
 
 def test_built_from_the_cpu_transform_with_its_parameters():
     small = BatchAugment.from_transform(moco_v2(32))
-    assert [type(op) for op in small.ops] == [ResizedCrop, Jitter, Grayscale, Flip, Normalize]
-    crop, jitter, gray, flip, norm = small.ops
+    assert [type(op) for op in small.view_ops[0]] == [ResizedCrop, Jitter, Grayscale, Flip, Normalize]
+    crop, jitter, gray, flip, norm = small.view_ops[0]
     assert crop.size == (32, 32) and crop.scale == (0.2, 1.0) and crop.mode == "bilinear"
     assert jitter.p == 0.8 and tuple(jitter.ranges[0]) == (0.6, 1.4) and tuple(jitter.ranges[3]) == (-0.1, 0.1)
     assert gray.p == 0.2 and flip.p == 0.5 and norm.mean == MEAN and small.views == 1
     big = BatchAugment.from_transform(TwoViews(moco_v2(224)))
-    blur = next(op for op in big.ops if isinstance(op, Blur))
+    blur = next(op for op in big.view_ops[1] if isinstance(op, Blur))
     assert big.views == 2 and blur.p == 0.5 and blur.kernel == (23, 23) and blur.sigma == (0.1, 2.0)
-    assert big.draws == 2 * CROP_ATTEMPTS + 2 + 9 + 1 + 2 + 1
+    assert big.draws == 2 * (2 * CROP_ATTEMPTS + 2 + 9 + 1 + 2 + 1)
+
+
+@pytest.mark.parametrize("image_size", [32, 224])
+@pytest.mark.parametrize("method", ["moco", "simclr", "byol", "barlow"])
+def test_every_joint_embedding_teacher_has_a_batched_pair_with_its_own_views(method, image_size):
+    """SimCLR's, BYOL's and Barlow's pairs are batched too (BYOL's two views differ: blur and solarisation)."""
+    from kt_edge.teachers import TEACHERS
+
+    pair = TEACHERS[method].train_transform(image_size)
+    aug = BatchAugment.from_transform(pair)
+    assert aug.views == 2
+    if method in ("byol", "barlow"):
+        solarize = [[op for op in ops if isinstance(op, Solarize)] for ops in aug.view_ops]
+        assert solarize[0] == [] and [op.p for op in solarize[1]] == [0.2]
+        if image_size > 64:
+            blurs = [[op.p for op in ops if isinstance(op, Blur)] for ops in aug.view_ops]
+            assert blurs == [[1.0], [0.1]]
+    first, second = aug(_images(4, image_size), aug.draw(range(4)))
+    assert first.shape == second.shape == (4, 3, image_size, image_size)
+
+
+def test_solarize_inverts_bright_pixels_of_the_chosen_images_as_torchvision():
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = Solarize(0.5, 128)(x.float() / 255, torch.tensor([[0.1], [0.9], [0.4]]))
+    for i, chosen in enumerate((True, False, True)):
+        expected = TF.solarize(x[i], 128) if chosen else x[i]
+        torch.testing.assert_close(out[i], expected.float() / 255, atol=1e-6, rtol=0)
 
 
 def test_a_step_without_batched_version_is_refused_by_name():
@@ -43,11 +70,11 @@ def test_a_step_without_batched_version_is_refused_by_name():
 def test_parameters_and_views_depend_on_the_key_only():
     aug = BatchAugment.from_transform(TwoViews(moco_v2(32)))
     draws = aug.draw([11, 22, 33])
-    assert draws.shape == (3, 2, aug.draws) and 0 <= draws.min() and draws.max() < 1
+    assert draws.shape == (3, aug.draws) and 0 <= draws.min() and draws.max() < 1
     torch.testing.assert_close(draws[1], aug.draw([22])[0], rtol=0, atol=0)
-    assert not torch.equal(draws[0, 0], draws[0, 1])  # the two views of an image differ
     images = _images(3)
     q, k = aug(images, draws)
+    assert not torch.equal(q, k)  # the two views of an image differ
     q1, k1 = aug(images[1:2], aug.draw([22]))  # alone in its batch: the same views
     torch.testing.assert_close(q[1:2], q1, atol=1e-5, rtol=0)
     torch.testing.assert_close(k[1:2], k1, atol=1e-5, rtol=0)
@@ -63,7 +90,7 @@ def test_every_image_of_a_batch_gets_its_own_crop_and_jitter():
 
 
 def test_crop_boxes_follow_torchvision_random_resized_crop():
-    crop = BatchAugment.from_transform(moco_v2(32)).ops[0]
+    crop = BatchAugment.from_transform(moco_v2(32)).view_ops[0][0]
     n = 5000
     u = torch.rand(n, crop.draws, generator=torch.Generator().manual_seed(0))
     top, left, h, w = crop.boxes(u, 48, 64)
@@ -159,6 +186,19 @@ def test_same_recipe_as_the_cpu_pipeline_in_distribution():
 
 
 def test_wrong_input_is_refused():
-    aug = BatchAugment([Normalize(MEAN, STD)])
+    aug = BatchAugment([[Normalize(MEAN, STD)]])
     with pytest.raises(ValueError, match="uint8 images"):
-        aug(torch.rand(2, 3, 8, 8), torch.rand(2, 1, 0))
+        aug(torch.rand(2, 3, 8, 8), torch.rand(2, 0))
+
+
+@pytest.mark.parametrize("method, image_size", [("moco", 224), ("byol", 224), ("simclr", 32)])
+def test_a_batch_is_augmented_without_reading_a_value_back_to_the_host(method, image_size):
+    """On the meta device (a stand-in for CUDA) any data-dependent shape (nonzero), host read (.item()) or
+    tensor made on the CPU fails: the batched path must need none of them, or it would stall the GPU's queue."""
+    from kt_edge.teachers import TEACHERS
+
+    aug = BatchAugment.from_transform(TEACHERS[method].train_transform(image_size))
+    meta = torch.device("meta")
+    views = aug(torch.empty(8, image_size, image_size, 3, dtype=torch.uint8, device=meta),
+                torch.empty(8, aug.draws, device=meta))
+    assert all(v.device == meta and v.shape == (8, 3, image_size, image_size) for v in views)

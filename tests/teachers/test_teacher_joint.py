@@ -72,3 +72,16 @@ def test_the_loss_falls_on_real_images(cls, options):
     method = cls(build_backbone("alexnet", 32), options, n_images=8)
     losses = losses_over_steps(method, fixed_batch(method, sample_images(4)), steps=4)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_byol_forwards_each_view_through_its_own_batchnorm_batch():
+    """As the official code: online and target networks see view 1 and view 2 separately (BatchNorm statistics of
+    one view at a time), never the two views as one batch."""
+    method = BYOL(build_backbone("alexnet", 32), {"hidden": 32, "dim": 16}, n_images=8)
+    seen = {"online": [], "target": []}
+    method.backbone.register_forward_hook(lambda _m, args, _o: seen["online"].append(len(args[0])))
+    method.target_backbone.register_forward_hook(lambda _m, args, _o: seen["target"].append(len(args[0])))
+    views = (torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    out = method.training_step((views, None))
+    assert seen == {"online": [4, 4], "target": [4, 4]}
+    assert out["momentum"].device == out["loss"].device and out["momentum"].item() == pytest.approx(0.996)

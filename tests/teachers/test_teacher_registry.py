@@ -5,20 +5,10 @@ import torch
 
 from kt_edge.engine.trainer import train
 from kt_edge.models.backbones import build_backbone
-from kt_edge.recipe import TrainConfig, recipe_from_dict
+from kt_edge.recipe import recipe_from_dict
 from kt_edge.teachers import TEACHERS, tiles
 from teacher_kit import SAMPLE, sample_images
-
-SMALL = {
-    "moco": {"queue": 4, "hidden": 32, "dim": 16},
-    "simclr": {"hidden": 32, "dim": 16},
-    "byol": {"hidden": 32, "dim": 16},
-    "barlow": {"hidden": 32, "dim": 32},
-    "jigsaw": {"permutations": 20, "tile_dim": 16, "hidden": 32},
-    "jigsaw_pp": {"permutations": 20, "tile_dim": 16, "hidden": 32},
-    "rpl": {"tile_dim": 16, "hidden": 32},
-    "rotation": {},
-}
+from test_method_conformance import TEACHER_OPTIONS as SMALL
 
 
 def test_every_method_is_registered_documented_and_has_valid_defaults():
@@ -31,13 +21,13 @@ def test_every_method_is_registered_documented_and_has_valid_defaults():
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_each_method_takes_a_step_in_the_trainer(tmp_path, monkeypatch, name):
     monkeypatch.setenv(tiles.CACHE_ENV, str(tmp_path / "cache"))
+    cfg = {"epochs": 1, "max_steps": 1, "batch_size": 4, "optimizer": "adamw", "lr": 1e-3}
     recipe = recipe_from_dict({"name": "t", "data": {"train": {"path": str(SAMPLE / "train")}},
-                               "teacher": {"arch": "alexnet", "method": name, "options": SMALL[name]}})
+                               "teacher": {"arch": "alexnet", "method": name, "options": SMALL[name], "train": cfg}})
     torch.manual_seed(0)
     method = TEACHERS[name](build_backbone("alexnet", 32), recipe.teacher.options, n_images=8)
     before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
-    cfg = TrainConfig(epochs=1, max_steps=1, batch_size=4, optimizer="adamw", lr=1e-3)
-    result = train(method, sample_images(8), cfg, tmp_path / "out", stage="teacher", seed=0,
+    result = train(method, sample_images(8), recipe.teacher.train, tmp_path / "out", stage="teacher", seed=0,
                    device=torch.device("cpu"), image_size=32)
     assert result.steps == 1 and result.final_loss == result.final_loss  # a finite loss
     after = method.backbone.state_dict()

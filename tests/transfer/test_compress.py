@@ -124,3 +124,21 @@ def test_recipe_validates_compress_options(tmp_path):
     assert recipe.distill.options["tau_teacher"] == recipe.distill.options["tau_student"] == 0.04
     with pytest.raises(RecipeError, match="distill.options.variant"):
         recipe_from_dict(base, ["distill.options.variant=3q"])
+
+
+def test_the_official_2q_setting_uses_raw_features_and_crop_and_flip():
+    """UMBCvision/CompRess train_student.py: the student's pooled features fill its bank (no extra layer), the
+    teacher's backbone features (fc removed) fill the teacher's, and the views are crop and flip only."""
+    from torchvision import transforms as T
+
+    from kt_edge.models.backbones import build_backbone
+
+    teacher = FrozenTeacher(build_backbone("resnet18", 32), torch.device("cpu"))
+    method = Compress(build_backbone("alexnet", 32), teacher,
+                      {"variant": "2q", "bank": 16, "student_head": "none", "augment": "crop_flip"}, n_images=64)
+    assert isinstance(method.head, torch.nn.Identity) and method.student_bank.items.shape == (16, 256)
+    assert method.teacher_bank.items.shape == (16, 512)
+    steps = [type(t) for t in method.train_transform(32).transforms]
+    assert steps == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    with pytest.raises(ValueError, match="student_head none needs variant 2q"):
+        Compress.Options(variant="1q", student_head="none")
