@@ -1,6 +1,8 @@
 """Model checkpoints: weights as safetensors, and a JSON sidecar that says how to rebuild and feed them.
 
-The sidecar is written last, so a folder with a sidecar holds a complete checkpoint.
+A teacher's checkpoint may also hold its projection head (the weights under ``projection.``, the
+layers in the sidecar), the space SEED distils. The sidecar is written last, so a folder with a
+sidecar holds a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -16,15 +18,23 @@ from kt_edge import atomic
 from kt_edge.data.augment import MEAN, STD, resize_for
 from kt_edge.errors import CheckpointError
 from kt_edge.models.backbones import Backbone, build_backbone
+from kt_edge.models.heads import build_head, head_spec
+from kt_edge.models.parts import join_parts
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "model.json"
 TIMM_PREFIX = "timm/"  # sidecar arch of an imported timm teacher: timm/<model name>
+PROJECTION = "projection."  # key prefix of a teacher's projection head in WEIGHTS
 
 
-def save_backbone(backbone: Backbone, folder: Path, **provenance) -> None:
+def save_backbone(backbone: Backbone, folder: Path, projection: torch.nn.Sequential | None = None,
+                  **provenance) -> None:
+    """Weights (with the projection head, when given), then the sidecar that vouches for them."""
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    if projection is not None:
+        state.update({PROJECTION + k: v.detach().cpu().contiguous() for k, v in projection.state_dict().items()})
+        provenance["projection"] = head_spec(projection)
     # An old sidecar would vouch for the new weights if we stopped between the two writes.
     (folder / SIDECAR).unlink(missing_ok=True)
     with atomic.atomic_path(folder / WEIGHTS) as tmp:
@@ -57,18 +67,40 @@ def load_backbone(folder: Path) -> tuple[Backbone, dict]:
     """Rebuild a backbone from a checkpoint folder written by ``save_backbone``."""
     folder = Path(folder)
     card = read_sidecar(folder)
+    if card is not None and not (folder / WEIGHTS).is_file() and isinstance(card.get("parts"), dict):
+        join_parts(folder, card)  # weights shipped in parts: joined, sha256-checked, on first use
     if card is None or not (folder / WEIGHTS).is_file():
         raise CheckpointError(f"{folder}: no complete checkpoint ({WEIGHTS} + {SIDECAR})")
     try:
         backbone = _rebuild(card)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise CheckpointError(f"{folder / SIDECAR}: not a valid checkpoint sidecar ({exc!r})") from None
+    state = _read_weights(folder)
+    load_weights(backbone, {k: v for k, v in state.items() if not k.startswith(PROJECTION)},
+                 source=str(folder / WEIGHTS))
+    return backbone.eval(), card
+
+
+def load_projection(folder: Path) -> torch.nn.Sequential | None:
+    """A teacher checkpoint's projection head, in eval mode; None when it has none."""
+    folder = Path(folder)
+    card = read_sidecar(folder) or {}
+    if not card.get("projection"):
+        return None
     try:
-        state = load_file(str(folder / WEIGHTS))
+        head = build_head(card["projection"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / SIDECAR}: not a valid projection head ({exc!r})") from None
+    state = {k.removeprefix(PROJECTION): v for k, v in _read_weights(folder).items() if k.startswith(PROJECTION)}
+    load_weights(head, state, source=f"{folder / WEIGHTS} (projection head)")
+    return head.eval()
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{folder / WEIGHTS}: not a readable safetensors file ({exc})") from None
-    load_weights(backbone, state, source=str(folder / WEIGHTS))
-    return backbone.eval(), card
 
 
 def _rebuild(card: dict) -> torch.nn.Module:

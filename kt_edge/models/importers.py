@@ -5,15 +5,16 @@
 - ``kt-edge``: a folder written by ``save_backbone``, or a state dict whose keys start with ``body.``;
 - ``torchvision``: a torchvision ResNet state dict (``fc.*`` dropped, a ``module.`` prefix allowed);
 - ``moco``: MoCo v1/v2 (``module.encoder_q.*``) and v3 (``module.base_encoder.*``) inside ``state_dict``;
-  the projection head in ``fc.*`` and the key encoder, queue and predictor are dropped;
-- ``swav``: ``module.*`` with ``projection_head.*`` and ``prototypes.*`` dropped;
-- ``dino``: the full checkpoint's ``teacher`` (``module.backbone.*``; ``head.*`` dropped), or the
-  backbone-only release, which is a torchvision state dict;
+  the projection head in ``fc.*`` is kept apart, the key encoder, queue and predictor are dropped;
+- ``swav``: ``module.*``; the head in ``projection_head.*`` is kept apart, ``prototypes.*`` dropped;
+- ``dino``: the full checkpoint's ``teacher`` (``module.backbone.*``; its head's MLP ``head.mlp.*``, GELUs
+  between, kept apart, the last layer dropped), or the backbone-only release, a torchvision state dict;
 - ``timm``: a folder in the layout the Hugging Face hub holds timm models in (``config.json`` naming the
   architecture, plus ``model.safetensors`` or ``pytorch_model.bin``): any timm model, ViTs included.
 
-Files are read as safetensors or with ``weights_only=True``, so a checkpoint cannot run code.
-No code path downloads weights.
+The projection head, where the checkpoint has one, is what SEED distils (``teacher_space: head``):
+the official SEED code loads its MoCo teacher with the ``fc`` head kept. Files are read as safetensors
+or with ``weights_only=True``, so a checkpoint cannot run code. No code path downloads weights.
 """
 
 from __future__ import annotations
@@ -33,23 +34,33 @@ from torch import nn
 from kt_edge.data.augment import MEAN, STD
 from kt_edge.errors import CheckpointError
 from kt_edge.models.backbones import Backbone, at_layer, build_backbone
-from kt_edge.models.checkpoint import SIDECAR, TIMM_PREFIX, load_backbone, load_weights
+from kt_edge.models.checkpoint import PROJECTION, SIDECAR, TIMM_PREFIX, load_backbone, load_projection, load_weights
+from kt_edge.models.heads import build_head, head_from_state
 
 FORMATS = ("auto", "kt-edge", "torchvision", "moco", "swav", "dino", "timm")
 TIMM_CONFIG = "config.json"
 TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 MOCO_ENCODERS = ("encoder_q.", "base_encoder.")  # v1/v2, v3
 DROPPED = {
+    "kt-edge": (PROJECTION,),
     "torchvision": ("fc.", "classifier."),
     "moco": ("fc.",),
     "swav": ("projection_head.", "prototypes.", "fc."),
     "dino": ("head.", "fc."),
 }
+HEADS = {  # format -> (key prefix of the projection head's nn.Sequential, the activation between its layers)
+    "kt-edge": (PROJECTION, "relu"),
+    "moco": ("fc.", "relu"),
+    "swav": ("projection_head.", "relu"),
+    "dino": ("head.mlp.", "gelu"),
+}
+Teacher = tuple[nn.Module, nn.Sequential | None]  # the network, and its projection head where it has one
 
 
 def import_teacher(path: Path | str, arch: str, image_size: int, format: str = "auto",
-                   layer: str | None = None) -> nn.Module:
-    """The teacher a checkpoint holds, in eval mode: a Backbone of ``arch`` (features at ``layer``), or a timm model."""
+                   layer: str | None = None) -> Teacher:
+    """The teacher a checkpoint holds, in eval mode: a Backbone of ``arch`` (features at ``layer``), or a timm
+    model; and its projection head (None without one, or when ``layer`` takes features below the head)."""
     path = Path(path)
     if format not in FORMATS:
         raise CheckpointError(f"unknown teacher.format {format!r}; choose from {', '.join(FORMATS)}")
@@ -64,23 +75,25 @@ def import_teacher(path: Path | str, arch: str, image_size: int, format: str = "
         raise CheckpointError(f"{path}: a timm teacher is a folder with {TIMM_CONFIG} and {TIMM_WEIGHTS[0]}")
     backbone = build_backbone(arch, image_size)
     load_weights(backbone, backbone_state(obj, format, source=str(path)), source=f"{path} (format {format})")
-    return (at_layer(backbone, layer) if layer else backbone).eval()
+    if layer:
+        return at_layer(backbone, layer).eval(), None
+    return backbone.eval(), projection_head_of(obj, format, source=str(path))
 
 
-def _import_folder(path: Path, image_size: int, format: str, layer: str | None) -> nn.Module:
+def _import_folder(path: Path, image_size: int, format: str, layer: str | None) -> Teacher:
     if (path / SIDECAR).is_file() and format in ("auto", "kt-edge"):
-        teacher = load_backbone(path)[0]
+        teacher, projection = load_backbone(path)[0], load_projection(path)
     elif (path / TIMM_CONFIG).is_file() and format in ("auto", "timm"):
-        teacher = import_timm(path, image_size)
+        teacher, projection = import_timm(path, image_size), None
     else:
         raise CheckpointError(f"{path}: a folder teacher needs {SIDECAR} (a kt-edge checkpoint) or {TIMM_CONFIG} "
                               f"(a timm model), and format auto, kt-edge or timm (got {format})")
     if not layer:
-        return teacher
+        return teacher, projection
     if not isinstance(teacher, Backbone):
         raise CheckpointError(f"{path}: a timm teacher gives its pooled features; a teacher layer "
                               f"({layer!r}) applies to resnet and alexnet backbones")
-    return at_layer(teacher, layer).eval()
+    return at_layer(teacher, layer).eval(), None
 
 
 def read_checkpoint(path: Path) -> object:
@@ -140,8 +153,8 @@ def detect_format(obj: object) -> str:
     return "torchvision"
 
 
-def backbone_state(obj: object, format: str, source: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's backbone weights under our keys (``body.`` + torchvision names); heads dropped."""
+def _encoder_state(obj: object, format: str, source: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's encoder weights under torchvision names (our ``body.`` names for kt-edge), heads included."""
     if format == "kt-edge":
         return _tensors(_unwrap(obj, "state_dict", "model"), source)
     if format == "dino":
@@ -156,7 +169,32 @@ def backbone_state(obj: object, format: str, source: str) -> dict[str, torch.Ten
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     elif format == "dino":
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    return state
+
+
+def backbone_state(obj: object, format: str, source: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's backbone weights under our keys (``body.`` + torchvision names); heads dropped."""
+    state = _encoder_state(obj, format, source)
+    if format == "kt-edge":
+        return {k: v for k, v in state.items() if not k.startswith(DROPPED[format])}
     return {f"body.{k}": v for k, v in state.items() if not k.startswith(DROPPED[format])}
+
+
+def projection_head_of(obj: object, format: str, source: str) -> nn.Sequential | None:
+    """The checkpoint's projection head, rebuilt from its parameter names, in eval mode; None without one."""
+    if format not in HEADS:
+        return None
+    prefix, activation = HEADS[format]
+    state = {k.removeprefix(prefix): v for k, v in _encoder_state(obj, format, source).items() if k.startswith(prefix)}
+    if not state:
+        return None
+    try:
+        spec, state = head_from_state(state, activation)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: the projection head in {prefix}* is not a plain MLP ({exc})") from None
+    head = build_head(spec)
+    load_weights(head, state, source=f"{source} (projection head {prefix}*)")
+    return head.eval()
 
 
 class TimmTeacher(nn.Module):

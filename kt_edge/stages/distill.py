@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from kt_edge.engine import distributed
 from kt_edge.engine.device import resolve_device
 from kt_edge.errors import CheckpointError, DataError
 from kt_edge.models.backbones import build_backbone
-from kt_edge.models.checkpoint import load_backbone, save_backbone
+from kt_edge.models.checkpoint import load_backbone, load_projection, save_backbone
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.recipe import Recipe
 from kt_edge.stages.cluster import pseudo_labelled
@@ -22,6 +23,17 @@ from kt_edge.stages.training import train_stage
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
 from kt_edge.transfer.cached_teacher import CachedTeacher
+
+log = logging.getLogger(__name__)
+
+
+def frozen_teacher(teacher_dir: Path, space: str, device: torch.device) -> FrozenTeacher:
+    """The run's teacher in the space the method distils: its projection head's output, or its backbone's."""
+    projection = load_projection(teacher_dir) if space == "head" else None
+    if space == "head" and projection is None:
+        log.warning("teacher_space head: the teacher in %s has no projection head (a pretext method, an imported "
+                    "classifier, or features below its last layer); distilling its backbone features", teacher_dir)
+    return FrozenTeacher(load_backbone(teacher_dir)[0], device, projection)
 
 
 def distill(recipe: Recipe, resume: bool = False) -> Path:
@@ -50,7 +62,7 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
         data = data.with_labels(np.arange(len(data)))
     else:
         data = training_images(recipe)
-        teacher = FrozenTeacher(load_backbone(teacher_dir)[0], device)
+        teacher = frozen_teacher(teacher_dir, cfg.options.get("teacher_space", "backbone"), device)
     torch.manual_seed(recipe.seed)
     student = build_backbone(cfg.student, recipe.data.image_size)
     if needs == "nothing":
@@ -59,8 +71,10 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
         method = DISTILLERS[cfg.method](student, teacher, cfg.options, n_images=len(data), **extra)
     result = train_stage(recipe, method, data, cfg.train, out, "distill", resume, inputs)
     if distributed.is_main():
+        space = {"teacher_space": teacher.space, "teacher_dim": teacher.embed_dim} if isinstance(
+            teacher, FrozenTeacher) else {}
         save_backbone(method.backbone, out, stage="student", method=cfg.method,
-                      teacher=None if needs == "nothing" else str(teacher_dir),
+                      teacher=None if needs == "nothing" else str(teacher_dir), **space,
                       inputs=inputs, steps=result.steps, final_loss=result.final_loss)
     distributed.barrier()
     return out

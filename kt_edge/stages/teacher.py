@@ -17,16 +17,24 @@ from kt_edge.teachers import TEACHERS
 
 
 def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
+    """The teacher (with its projection head where it has one) in runs/<name>/teacher/; rank 0 writes it."""
     out = prepare(recipe) / "teacher"
     inputs = teacher_inputs(recipe)
-    if up_to_date(out, inputs):
-        console.print(f"teacher: up to date in {out}")
+    done = up_to_date(out, inputs)
+    distributed.barrier()  # every rank has looked before rank 0 rewrites
+    if done:
+        if distributed.is_main():
+            console.print(f"teacher: up to date in {out}")
         return out
     cfg = recipe.teacher
     if cfg.checkpoint is not None:
-        backbone = import_teacher(cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format, cfg.layer)
-        save_backbone(backbone, out, stage="teacher", method="imported", source=str(cfg.checkpoint), inputs=inputs)
-        console.print(f"teacher: imported {cfg.checkpoint} -> {out}")
+        if distributed.is_main():
+            backbone, projection = import_teacher(cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format,
+                                                  cfg.layer)
+            save_backbone(backbone, out, projection, stage="teacher", method="imported", source=str(cfg.checkpoint),
+                          inputs=inputs)
+            console.print(f"teacher: imported {cfg.checkpoint} -> {out}")
+        distributed.barrier()  # the others read the teacher only once it is whole
         return out
     data = training_images(recipe)
     torch.manual_seed(recipe.seed)
@@ -35,7 +43,8 @@ def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
     result = train_stage(recipe, method, data, cfg.train, out, "teacher", resume, inputs)
     if distributed.is_main():
         backbone = at_layer(method.backbone, cfg.layer) if cfg.layer else method.backbone
-        save_backbone(backbone, out, stage="teacher", method=cfg.method, inputs=inputs,
+        projection = None if cfg.layer else getattr(method, "projection", None)  # the head fits the last layer
+        save_backbone(backbone, out, projection, stage="teacher", method=cfg.method, inputs=inputs,
                       steps=result.steps, final_loss=result.final_loss)
     distributed.barrier()
     return out

@@ -84,7 +84,7 @@ def test_plain_weights_in_a_pickle_are_accepted(tmp_path):
     """The refusal is about code, not about the format: a plain state dict imports."""
     net = build_backbone("alexnet", 32)
     torch.save({"state_dict": net.state_dict()}, tmp_path / "plain.pth")
-    teacher = import_teacher(tmp_path / "plain.pth", "alexnet", 32)
+    teacher, _ = import_teacher(tmp_path / "plain.pth", "alexnet", 32)
     ours, theirs = net.state_dict(), teacher.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 

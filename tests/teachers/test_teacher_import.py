@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from kt_edge.errors import CheckpointError, RecipeError
 from kt_edge.models.backbones import build_backbone
-from kt_edge.models.checkpoint import load_backbone, save_backbone
+from kt_edge.models.checkpoint import load_backbone, load_projection, save_backbone
 from kt_edge.models.importers import backbone_state, detect_format, import_teacher, read_checkpoint
 from kt_edge.recipe import recipe_from_dict
 from teacher_kit import SAMPLE
@@ -71,15 +71,42 @@ def layouts(plain: dict) -> dict:
 def test_official_layouts_round_trip_to_the_same_outputs(tmp_path, reference, layout, fmt):
     model, plain, probe = reference
     path = tmp_path / f"{layout}.pth"
-    torch.save(layouts(plain)[layout], path)
+    torch.save(layouts_seeded(plain)[layout], path)
     checkpoint = read_checkpoint(path)
     assert detect_format(checkpoint) == fmt
     state = backbone_state(checkpoint, fmt, source=str(path))
     assert state.keys() == model.state_dict().keys()  # heads, key encoders, queues and prototypes dropped
-    teacher = import_teacher(path, "resnet18", SIZE, format="auto")
+    teacher, projection = import_teacher(path, "resnet18", SIZE, format="auto")
     assert not teacher.training
     with torch.no_grad():
         assert torch.equal(teacher(probe), model(probe))
+        features = model(probe)
+        expected = official_head_output(layouts_seeded(plain)[layout], features)
+        if expected is None:
+            assert projection is None  # a supervised classifier is not a projection head
+        else:
+            assert not projection.training
+            torch.testing.assert_close(projection(features), expected, rtol=1e-4, atol=1e-3)
+
+
+def layouts_seeded(plain: dict) -> dict:
+    torch.manual_seed(5)
+    return layouts(plain)
+
+
+def official_head_output(layout: dict, x: torch.Tensor) -> torch.Tensor | None:
+    """The projection head of each official layout, applied by hand: MoCo's Linear-ReLU-Linear, SwAV's and
+    DINO's first layer (all the fixtures hold), nothing for torchvision."""
+    state = layout.get("state_dict", layout)
+    if "teacher" in layout:
+        return x @ layout["teacher"]["module.head.mlp.0.weight"].T
+    for prefix in ("module.encoder_q.", "module.base_encoder."):
+        if f"{prefix}fc.0.weight" in state:
+            hidden = torch.relu(x @ state[f"{prefix}fc.0.weight"].T + state[f"{prefix}fc.0.bias"])
+            return hidden @ state[f"{prefix}fc.2.weight"].T + state[f"{prefix}fc.2.bias"]
+    if "module.projection_head.0.weight" in state:
+        return x @ state["module.projection_head.0.weight"].T + state["module.projection_head.0.bias"]
+    return None
 
 
 def test_our_own_checkpoints_import_as_files_and_folders(tmp_path, reference):
@@ -88,14 +115,14 @@ def test_our_own_checkpoints_import_as_files_and_folders(tmp_path, reference):
     save_backbone(model, tmp_path / "folder")
     with torch.no_grad():
         for path in (tmp_path / "weights.safetensors", tmp_path / "folder"):
-            assert torch.equal(import_teacher(path, "resnet18", SIZE)(probe), model(probe))
+            assert torch.equal(import_teacher(path, "resnet18", SIZE)[0](probe), model(probe))
 
 
 def test_a_layer_keeps_the_weights_below_it(tmp_path, reference):
     model, plain, probe = reference
     torch.save(layouts(plain)["moco"], tmp_path / "moco.pth")
-    teacher = import_teacher(tmp_path / "moco.pth", "resnet18", SIZE, layer="layer3")
-    assert teacher.embed_dim == 256
+    teacher, projection = import_teacher(tmp_path / "moco.pth", "resnet18", SIZE, layer="layer3")
+    assert teacher.embed_dim == 256 and projection is None  # the head fits the last layer only
     net = model.body
     with torch.no_grad():
         x = net.layer3(net.layer2(net.layer1(net.relu(net.bn1(net.conv1(probe))))))
@@ -172,8 +199,8 @@ def test_a_timm_model_in_hub_layout_imports_and_reloads(tmp_path):
         "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
                            "classifier": "head"}}))
     save({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    teacher = import_teacher(folder, "resnet18", SIZE)
-    assert teacher.embed_dim == 192
+    teacher, projection = import_teacher(folder, "resnet18", SIZE)
+    assert teacher.embed_dim == 192 and projection is None
     ours = torch.randn(2, 3, SIZE, SIZE)
     pixels = ours * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + \
         torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -199,5 +226,8 @@ def test_the_teacher_stage_imports_an_official_checkpoint_for_distillation(tmp_p
     folder = train_teacher(recipe)
     teacher, card = load_backbone(folder)
     assert card["method"] == "imported" and card["arch"] == "resnet18"
+    head = load_projection(folder)
     with torch.no_grad():
         assert torch.equal(teacher(probe), model(probe))
+        _, imported = import_teacher(tmp_path / "moco_v2.pth.tar", "resnet18", SIZE)
+        assert torch.equal(head(teacher(probe)), imported(model(probe)))  # the MoCo head travels with it
