@@ -80,6 +80,56 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (no gradient); one process: the tensor itself."""
+    if active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rows = len(tensor)
+        return concat_all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's gradient for every row; this rank keeps its own rows'
+        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_gather_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor, concatenated in rank order, with gradients flowing back to each rank's own slice
+    (SimCLR's global negatives); every rank must pass the same number of rows. One process: the tensor."""
+    return _AllGather.apply(tensor) if active() else tensor
+
+
+def all_reduce_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, differentiable: the backward sums every rank's gradient (Barlow Twins' correlation).
+
+    With DDP's gradient averaging this gives exactly the gradient of the loss on the global batch.
+    One process: the tensor itself.
+    """
+    return _AllReduce.apply(tensor) if active() else tensor
+
+
+@torch.no_grad()
 def shuffle_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shuffled BN (MoCo): this rank's slice of a random permutation of the global batch, and the inverse.
 
@@ -89,8 +139,9 @@ def shuffle_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     if not active():
         return x, None
     gathered = concat_all_gather(x)
-    order = torch.randperm(len(gathered)).to(x.device)
-    dist.broadcast(order, src=0)
+    order = torch.randperm(len(gathered)) if is_main() else torch.empty(len(gathered), dtype=torch.long)
+    order = order.to(x.device)
+    dist.broadcast(order, src=0)  # rank 0's draw: the other ranks' generators stay untouched
     return gathered[order.view(dist.get_world_size(), -1)[dist.get_rank()]], torch.argsort(order)
 
 
@@ -103,25 +154,20 @@ def unshuffle_batch(x: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tens
     return gathered[inverse.view(dist.get_world_size(), -1)[dist.get_rank()]]
 
 
-def mean_scalars(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Logged scalars averaged over ranks in one all-reduce, so every rank takes the same decisions
-    (the NaN guard) at the same step; one process: the values as floats."""
-    names = list(values)
-    packed = torch.stack([values[k].detach().float().reshape(()) for k in names])
+def agree(scalars: dict[str, torch.Tensor], flags: dict[str, bool]) -> tuple[dict[str, float], dict[str, bool]]:
+    """Logged scalars averaged over ranks, and flags true on every rank when true on one (a stop signal, a due
+    resume point), in one all-reduce and one host synchronisation; so every rank takes the same decisions at the
+    same step. One process: the values as floats, the flags as they are."""
+    names = list(scalars)
+    packed = torch.stack([scalars[k].detach().float().reshape(()) for k in names])
     if active():
+        device = packed.device
+        packed = torch.cat([packed, torch.tensor([float(flags[k]) for k in flags], device=device)])
         dist.all_reduce(packed)
         packed /= dist.get_world_size()
-    return dict(zip(names, packed.tolist()))
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on one (a stop signal may reach the ranks at different steps)."""
-    if not active():
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    packed = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(packed)
-    return packed.item() > 0
+        values = packed.tolist()
+        return dict(zip(names, values)), {k: v > 0 for k, v in zip(flags, values[len(names):])}
+    return dict(zip(names, packed.tolist())), dict(flags)
 
 
 class _TrainingStep(nn.Module):

@@ -7,23 +7,23 @@ encoders and queues, and a ``backbone`` attribute: the network the stage hands o
 The loop owns the rest, written once: seeding, device, bf16 autocast, the cosine schedule,
 progress, ``metrics.jsonl``, resume points written atomically, SIGTERM/SIGINT handling and a
 NaN guard.  Every sample's augmentation and the batch order are functions of (seed, epoch,
-index), so a resumed run equals an uninterrupted one.
+index) (``kt_edge.data.feed``), so a resumed run equals an uninterrupted one.
 
-Images reach the method by one of two paths: ``per_sample`` (DataLoader workers decode and augment
-each image with the method's ``train_transform``) or ``batched`` (uint8 rows of a cached array go to
-the device, where ``BatchAugment`` builds the same views a whole batch at a time).  Under torchrun
+The hot loop never waits for the GPU: scalars are read (one host synchronisation) every
+``log_every`` steps, and the decisions that need them (the NaN guard, a stop signal, a resume
+point due by time) are taken there, agreed by every rank in the same all-reduce.  Under torchrun
 the step runs in DistributedDataParallel, ``cfg.batch_size`` is the global batch (each rank takes a
-contiguous slice of it), logged scalars are averaged over ranks and rank 0 alone writes files.
+contiguous slice of it), BatchNorm is synchronised where the method's official code does it, and
+rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pickle
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,14 +31,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kt_edge import atomic
-from kt_edge.data.augment import SeededViews
-from kt_edge.data.feed import ArrayBatches
-from kt_edge.data.gpu_augment import BatchAugment
-from kt_edge.engine import distributed
-from kt_edge.errors import CheckpointError, DataError, Interrupted, KtEdgeError, TrainingError
-from kt_edge.models.frozen import FrozenTeacher
+from kt_edge.data.feed import TrainingFeed
+from kt_edge.engine import distributed, resume as resume_point
+from kt_edge.engine.precision import autocast
+from kt_edge.engine.resume import RESUME
+from kt_edge.errors import DataError, Interrupted, KtEdgeError, TrainingError
 
-RESUME = "resume.pt"
+__all__ = ["RESUME", "TrainResult", "lr_at", "make_optimizer", "train"]
+clock = time.monotonic  # of the time-based resume points
 
 
 @dataclass
@@ -46,32 +46,6 @@ class TrainResult:
     steps: int
     final_loss: float
     seconds: float
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, starting part-way through when resuming.
-
-    With ``world`` ranks, rank r takes the r-th contiguous slice of every global batch of
-    ``batch_size``, so the ranks together see exactly the batches one process would.
-    """
-
-    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, *, rank: int = 0, world: int = 1,
-                 batch_size: int = 1):
-        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
-        self.rank, self.world, self.batch_size = rank, world, batch_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        order = torch.randperm(self.n, generator=generator)[self.start:]
-        if self.world > 1:
-            order = order[: len(order) // self.batch_size * self.batch_size]
-            order = order.view(-1, self.world, self.batch_size // self.world)[:, self.rank].reshape(-1)
-        return iter(order.tolist())
-
-    def __len__(self) -> int:
-        if self.world > 1:
-            return (self.n - self.start) // self.batch_size * (self.batch_size // self.world)
-        return self.n - self.start
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -91,12 +65,23 @@ def make_optimizer(params, cfg, device: torch.device | None = None) -> torch.opt
 
 
 def networks(method: torch.nn.Module) -> list[torch.nn.Module]:
-    """The networks a step runs: the method's sub-modules with weights, and a frozen teacher's model."""
+    """The networks a step runs: the method's sub-modules with weights, and a frozen teacher's."""
     found = [child for child in method.children() if any(True for _ in child.parameters())]
-    teacher = getattr(method, "teacher", None)
-    if isinstance(teacher, FrozenTeacher):
-        found.append(teacher.model)
-    return found
+    teacher_networks = getattr(getattr(method, "teacher", None), "networks", None)
+    return found + (teacher_networks() if teacher_networks else [])
+
+
+def use_sync_batchnorm(cfg, method: torch.nn.Module, device: torch.device) -> bool:
+    """Whether BatchNorm statistics span every rank: ``train.sync_batchnorm``, ``auto`` meaning the method's own
+    choice (``sync_batchnorm = True`` on the class) on GPUs. torch's SyncBatchNorm runs on GPUs only."""
+    if not distributed.active():
+        return False
+    if cfg.sync_batchnorm == "auto":
+        return device.type == "cuda" and getattr(method, "sync_batchnorm", False)
+    if cfg.sync_batchnorm and device.type != "cuda":
+        raise KtEdgeError("train.sync_batchnorm true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                          "set it to false or auto for a CPU run")
+    return bool(cfg.sync_batchnorm)
 
 
 @contextmanager
@@ -118,28 +103,6 @@ def stop_signals():
             signal.signal(sig, old)
 
 
-def _to(batch, device, memory_format=torch.contiguous_format):
-    if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        return batch.contiguous(memory_format=memory_format) if batch.ndim == 4 else batch
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(item, device, memory_format) for item in batch)
-    return batch
-
-
-def _read_resume_point(path: Path) -> dict:
-    """A resume point, loaded with weights_only=True: a planted pickle cannot run code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable resume point ({exc.__class__.__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0]}); delete it and run without --resume") from None
-    keys = {"method", "optimizer", "rng", "step", "fingerprint"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        raise CheckpointError(f"{path}: not a kt-edge resume point (expected the keys {', '.join(sorted(keys))})")
-    return state
-
-
 def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, seed: int,
           device: torch.device, image_size: int, workers: int = 0, resume: bool = False,
           fingerprint: str = "", metrics_path: Path | None = None, augment: str = "per_sample") -> TrainResult:
@@ -149,123 +112,93 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
     of images (files added to or removed from the folder), is refused.
     ``augment`` is the data path: ``per_sample`` or ``batched`` (``dataset`` then holds a uint8 ``array``).
     """
-    out_dir = Path(out_dir)
-    main, rank, world = distributed.is_main(), distributed.rank(), distributed.world_size()
+    out_dir, main = Path(out_dir), distributed.is_main()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic.remove_temps(out_dir)  # a resume point half-written when the last run was killed
-    local_batch = distributed.local_batch_size(cfg.batch_size, f"{stage}.train.batch_size")
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"{stage}: {len(dataset)} images is fewer than one batch of {cfg.batch_size}; "
                         f"lower {stage}.train.batch_size")
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch,
+                                                                             cfg.max_steps)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
 
+    # The networks, on the device, in the layout and synchronisation the run asks for.
     torch.manual_seed(seed)
     method.to(device)
     memory_format = torch.channels_last if device.type == "cuda" and cfg.channels_last else torch.contiguous_format
-    if memory_format is torch.channels_last:
-        for network in networks(method):
-            network.to(memory_format=memory_format)
-    params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, device)
-    step = 0
-    resume_path = out_dir / RESUME
-    if resume and resume_path.is_file():
-        state = _read_resume_point(resume_path)
-        if state.get("fingerprint", "") != fingerprint or state.get("images", len(dataset)) != len(dataset):
-            raise KtEdgeError(f"{resume_path} was written for other inputs (the recipe or the images changed); "
-                              "run without --resume to start this stage again")
+    for network in networks(method):
+        network.to(memory_format=memory_format)
+    if use_sync_batchnorm(cfg, method, device):
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    optimizer = make_optimizer([p for p in method.parameters() if p.requires_grad], cfg, device)
+
+    # Where to start: step 0, or the resume point of a stopped run of the same inputs.
+    step, path = 0, out_dir / RESUME
+    if resume and path.is_file():
+        state = resume_point.read(path, fingerprint, len(dataset))
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        resume_point.restore_rng(state, device)
         step = int(state["step"])
     if cfg.compile:
         for network in networks(method):
             network.compile()  # in place: state-dict keys stay as they were
     step_fn = distributed.step_function(method, device)
+    feed = TrainingFeed(dataset, method.train_transform(image_size), augment, seed=seed, batch_size=cfg.batch_size,
+                        image_size=image_size, device=device, workers=workers, memory_format=memory_format)
 
-    if augment == "batched":
-        batched = BatchAugment.from_transform(method.train_transform(image_size))
-        views = ArrayBatches(dataset, batched, seed, image_size)
-    elif augment == "per_sample":
-        views = SeededViews(dataset.with_transform(method.train_transform(image_size)), seed)
-    else:
-        raise ValueError(f"augment must be 'per_sample' or 'batched', got {augment!r}")
+    def save():
+        resume_point.check_finite(method, stage, step, out_dir)  # on every rank: all stop together
+        if main:
+            resume_point.write(path, method, optimizer, step, device, fingerprint, len(dataset))
 
-    def epoch_batches(epoch: int, start: int):
-        """This rank's batches of one epoch from sample ``start`` on, on the device."""
-        views.epoch = epoch
-        sampler = EpochSampler(len(views), seed, epoch, start, rank=rank, world=world, batch_size=cfg.batch_size)
-        common = dict(num_workers=workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(seed + epoch))  # keeps the global RNG untouched
-        if augment == "per_sample":
-            loader = torch.utils.data.DataLoader(views, batch_size=local_batch, drop_last=True, sampler=sampler,
-                                                 **common)
-            for batch in loader:
-                yield _to(batch, device, memory_format)
-            return
-        loader = torch.utils.data.DataLoader(
-            views, batch_size=None, sampler=torch.utils.data.BatchSampler(sampler, local_batch, drop_last=True),
-            **common)
-        for pixels, uniforms, labels in loader:
-            images = batched(pixels.to(device, non_blocking=True), uniforms.to(device, non_blocking=True))
-            yield _to(images, device, memory_format), labels.to(device, non_blocking=True)
-
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
-                else nullcontext())
     log = open(metrics_path, "a", buffering=1) if metrics_path and main else None  # line-buffered: `tail -f` works
-    started, loss_value = time.perf_counter(), float("nan")
-
-    def save_resume_point():
-        if not all(bool(torch.isfinite(t).all()) for t in method.state_dict().values() if t.is_floating_point()):
-            raise TrainingError(f"{stage}: the weights became inf or NaN at step {step}; "
-                                f"the last resume point in {out_dir} is kept")
-        if not main:
-            return
-        with atomic.atomic_path(resume_path) as tmp:
-            torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "step": step,
-                        "fingerprint": fingerprint, "images": len(dataset)}, tmp)
-
     progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=False,
-                        disable=not main)
+                        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), disable=not main)
+    started, saved = time.monotonic(), clock()
+    loss_value = float("nan")
     try:
         with stop_signals() as stop, progress:
             task = progress.add_task(stage, total=total, completed=step, loss=float("nan"))
             method.train()
             while step < total:
                 epoch, offset = divmod(step, steps_per_epoch)
-                for batch in epoch_batches(epoch, offset * cfg.batch_size):
+                for batch in feed.epoch(epoch, offset * cfg.batch_size):
                     for group in optimizer.param_groups:
                         group["lr"] = lr_at(step, total, warmup, cfg.lr)
-                    with autocast:
+                    with autocast(device, cfg.amp):
                         out = step_fn(batch)
-                    scalars = distributed.mean_scalars(out)
-                    loss_value = scalars["loss"]
-                    if not math.isfinite(loss_value):
-                        raise TrainingError(f"{stage}: loss became {loss_value} at step {step + 1}; "
-                                            f"the last resume point in {out_dir} is kept")
                     optimizer.zero_grad(set_to_none=True)
                     out["loss"].backward()
                     optimizer.step()
                     if hasattr(method, "after_step"):
                         method.after_step(step, total)
                     step += 1
+
+                    # Every log_every steps (and at the end, a step-based resume point, or a stop of one
+                    # process): read the scalars and take the decisions that need the host.
+                    stopping = stop["signal"] is not None
+                    step_due = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
+                    if not (step % cfg.log_every == 0 or step == total or step_due
+                            or (stopping and not distributed.active())):
+                        continue
+                    time_due = cfg.checkpoint_every is None and clock() - saved >= 60 * cfg.checkpoint_minutes
+                    scalars, flags = distributed.agree(out, {"stop": stopping, "checkpoint": main and time_due})
+                    loss_value = scalars["loss"]
+                    if not math.isfinite(loss_value):
+                        raise TrainingError(f"{stage}: loss became {loss_value} at step {step}; "
+                                            f"the last resume point in {out_dir} is kept")
                     progress.update(task, completed=step, loss=loss_value)
                     if log:
-                        record = {"stage": stage, "step": step, "epoch": epoch,
-                                  "lr": optimizer.param_groups[0]["lr"], "time": time.time()}
-                        record.update(scalars)
-                        log.write(json.dumps(record) + "\n")
-                    if step % cfg.checkpoint_every == 0 or step == total:
-                        save_resume_point()
-                    if distributed.any_rank(bool(stop["signal"])):
-                        save_resume_point()
+                        log.write(json.dumps({"stage": stage, "step": step, "epoch": epoch,
+                                              "lr": optimizer.param_groups[0]["lr"], "time": time.time(),
+                                              **scalars}) + "\n")
+                    if step_due or flags["checkpoint"] or flags["stop"] or step == total:
+                        save()
+                        saved = clock()
+                    if flags["stop"]:
                         raise Interrupted(f"{stage}: stopped by {stop['signal'] or 'a signal to another rank'} "
                                           f"at step {step}/{total}; run the same command with --resume to continue")
                     if step >= total:
@@ -273,4 +206,4 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
     finally:
         if log:
             log.close()
-    return TrainResult(steps=step, final_loss=loss_value, seconds=time.perf_counter() - started)
+    return TrainResult(steps=step, final_loss=loss_value, seconds=time.monotonic() - started)

@@ -34,7 +34,7 @@ def full_run(tmp_path_factory, one_thread) -> Path:
     """Teacher and student trained 2 steps each, evaluated, exported and benchmarked, all with the real code."""
     if not SAMPLE.is_dir():
         pytest.skip(f"the shipped CIFAR-10 sample is missing at {SAMPLE}")
-    train = {"epochs": 1, "max_steps": 2, "batch_size": 16}
+    train = {"epochs": 1, "max_steps": 2, "batch_size": 16, "log_every": 1}
     recipe = recipe_from_dict({
         "name": "tiny", "device": "cpu", "runs_dir": str(tmp_path_factory.mktemp("runs")),
         "data": {"train": {"path": str(SAMPLE / "train"), "subset": BANK},

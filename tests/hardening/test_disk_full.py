@@ -104,7 +104,7 @@ def test_resume_point(tmp_path, monkeypatch):
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", second_save_fails)
-    cfg = TrainConfig(epochs=1, max_steps=2, batch_size=16, lr=0.01, checkpoint_every=1)
+    cfg = TrainConfig(epochs=1, max_steps=2, batch_size=16, lr=0.01, checkpoint_every=1, log_every=1)
     with pytest.raises(OSError, match="No space left"):
         train(method, data, cfg, tmp_path, stage="teacher", seed=0, device=torch.device("cpu"), image_size=32)
     assert files_in(tmp_path) == {RESUME}

@@ -26,7 +26,7 @@ from sample_kit import REPO, SAMPLE, tiny_recipe_dict
 
 STEPS = 8
 TEACHER = {"arch": "alexnet", "method": "moco",
-           "train": {"epochs": 1, "max_steps": STEPS, "batch_size": 16, "lr": 0.05, "checkpoint_every": 2},
+           "train": {"epochs": 1, "max_steps": STEPS, "batch_size": 16, "lr": 0.05, "checkpoint_every": 2, "log_every": 1},
            "options": {"queue": 32, "hidden": 32, "dim": 16, "momentum": 0.99}}
 
 

@@ -37,7 +37,7 @@ def _method(n_images: int) -> MoCo:
 
 
 def _train(out, method, data, steps=4, resume=False, fingerprint=""):
-    cfg = TrainConfig(epochs=10, max_steps=steps, batch_size=16, lr=0.05, checkpoint_every=1)
+    cfg = TrainConfig(epochs=10, max_steps=steps, batch_size=16, lr=0.05, checkpoint_every=1, log_every=1)
     return train(method, data, cfg, out, stage="teacher", seed=0, device=CPU, image_size=32, resume=resume,
                  fingerprint=fingerprint)
 
@@ -53,7 +53,7 @@ def _finite(state: dict) -> bool:
 
 def _recipe(tmp_path, lr: float):
     teacher = {"arch": "alexnet", "method": "moco", "options": {"queue": 32, "hidden": 32, "dim": 16},
-               "train": {"epochs": 1, "max_steps": 6, "batch_size": 16, "lr": lr, "checkpoint_every": 1}}
+               "train": {"epochs": 1, "max_steps": 6, "batch_size": 16, "lr": lr, "checkpoint_every": 1, "log_every": 1}}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", teacher=teacher)))
     return recipe, tmp_path / "runs" / "tiny" / "teacher"

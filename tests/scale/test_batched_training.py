@@ -30,7 +30,7 @@ def _in_memory(n=64) -> ArrayImages:
 
 
 def _run(folder, method, data, steps, resume=False, compile=False):
-    cfg = TrainConfig(epochs=100, max_steps=steps, batch_size=16, optimizer="adamw", lr=2e-3, checkpoint_every=2,
+    cfg = TrainConfig(epochs=100, max_steps=steps, batch_size=16, optimizer="adamw", lr=2e-3, checkpoint_every=2, log_every=1,
                       compile=compile)
     return train(method, data, cfg, folder, stage="distill", seed=0, device=CPU, image_size=32, resume=resume,
                  metrics_path=folder / "metrics.jsonl", augment="batched")
@@ -61,8 +61,7 @@ def test_batches_carry_uint8_pixels_and_per_image_keys():
     data = _in_memory(32)
     augment = BatchAugment.from_transform(moco_v2(32))
     batches = ArrayBatches(data, augment, seed=5, image_size=32)
-    batches.epoch = 2
-    pixels, uniforms, labels = batches[[9, 3, 30]]
+    pixels, uniforms, labels = batches[[(2, 9), (2, 3), (2, 30)]]
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(pixels[1].numpy(), data.array[3])
     assert labels.tolist() == data.labels[[9, 3, 30]].tolist()
@@ -130,7 +129,7 @@ def test_fused_optimisers_on_cuda_only():
 def test_recipe_switches_reach_the_trainer_through_the_cli(tmp_path):
     data = tiny_recipe_dict(tmp_path / "runs")
     data["data"].update(cache=True, cache_dir=str(tmp_path / "cache"), augment="batched")
-    data["teacher"].update(arch="alexnet", train={"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05})
+    data["teacher"].update(arch="alexnet", train={"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05, "log_every": 1})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["train-teacher", str(recipe)])

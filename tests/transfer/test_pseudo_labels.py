@@ -5,10 +5,10 @@ import pytest
 import torch
 from transfer_kit import sample_batch, tiny_backbone, train_steps
 
-from kt_edge.data.augment import SeededViews
+from kt_edge.data.feed import SeededViews
 from kt_edge.data.sources import ArrayImages
 from kt_edge.features import embed
-from kt_edge.transfer.cluster import fit_clusters
+from kt_edge.kmeans import fit_clusters
 from kt_edge.transfer.pseudo_labels import ClusterBalanced, ClusterTransfer
 
 
@@ -50,14 +50,12 @@ def test_balanced_set_draws_clusters_uniformly_and_reproducibly():
     views = SeededViews(balanced.with_transform(lambda im: int(np.asarray(im)[0, 0, 0])), seed=3)
     drawn = []
     for epoch in range(6):
-        views.epoch = epoch
-        drawn += [views[i] for i in range(100)]
+        drawn += [views[epoch, i] for i in range(100)]
     for index, label in drawn:
         assert labels[index] == label  # the label travels with the drawn image
     counts = np.bincount([label for _, label in drawn], minlength=6)[[0, 1, 5]]
     assert counts.sum() == 600 and np.all(np.abs(counts / 600 - 1 / 3) < 0.07), counts
     assert len({index for index, label in drawn if label == 5}) == 2
     # the trainer's seeding makes each draw a function of (seed, epoch, index)
-    views.epoch = 2
-    assert [views[i] for i in range(100)] == drawn[200:300]
+    assert [views[2, i] for i in range(100)] == drawn[200:300]
     assert drawn[:100] != drawn[100:200]

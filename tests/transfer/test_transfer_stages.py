@@ -19,7 +19,7 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import read_sidecar, save_backbone
 from kt_edge.stages.inputs import distill_needs, student_inputs, teacher_inputs
 from kt_edge.recipe import load_recipe, recipe_from_dict
-from kt_edge.transfer.cluster import load_centroids
+from kt_edge.kmeans import load_centroids
 
 runner = CliRunner()
 K = 6
@@ -32,7 +32,7 @@ def invoke(*args):
 def recipe_dict(root, **sections):
     data = tiny_recipe_dict(root / "runs", teacher={"arch": "alexnet"},
                             distill={"method": "cluster", "options": {"balanced": True},
-                                     "train": {"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05}},
+                                     "train": {"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05, "log_every": 1}},
                             **sections)
     data["data"]["train"]["subset"] = 96
     data["data"]["test"]["subset"] = 40
