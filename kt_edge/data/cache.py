@@ -7,8 +7,9 @@ antialiasing, then the centre S x S crop) and training reads raw rows. A cache f
     labels.npy   int64 [N] (-1 for unlabelled images)
     cache.json   n, size, source, labels file, classes, source fingerprint; written last
 
-A build fills ``images.partial.npy`` and records the rows done in ``progress.json`` after each chunk,
-so an interrupted build resumes where it stopped; a folder without ``cache.json`` is never taken as
+A build fills ``images.partial.npy`` and records the rows done in ``progress.json`` after each chunk
+(under torchrun every rank decodes a share of the rows and keeps its own progress file), so an
+interrupted build resumes where it stopped; a folder without ``cache.json`` is never taken as
 complete. The folder's name derives from the recipe's source and the image size, so finding a
 cache needs no scan of the images; the source fingerprint (names, sizes and mtimes of its files)
 says whether the images on disk changed since. Training random-crops the cached centre crop, so
@@ -123,67 +124,96 @@ class _Decode:
 
 def build_cache(images: Images, folder: Path | str, image_size: int, fingerprint: str, source: str = "",
                 workers: int = 0, chunk: int = 1024, progress: bool = True) -> CachedImages:
-    """Decode ``images`` into ``folder``, resuming a partial build made from the same source and size."""
+    """Decode ``images`` into ``folder``, resuming a partial build made from the same source and size.
+
+    Under torchrun every rank calls it and decodes its contiguous share of the rows into the one array, so
+    the build takes 1 / world of the time and no rank waits long on another.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    n, plan = len(images), {"n": len(images), "size": image_size, "fingerprint": fingerprint}
-    done = _resume_point(folder, plan)
-    shape = (n, image_size, image_size, 3)
-    array = np.lib.format.open_memmap(folder / PARTIAL, mode="r+" if done else "w+", dtype=np.uint8, shape=shape)
+    rank, world = distributed.rank(), distributed.world_size()
+    n, plan = len(images), {"n": len(images), "size": image_size, "fingerprint": fingerprint, "world": world}
+    share = np.array_split(np.arange(n), world)[rank]  # this rank's rows
+    lo, hi = (int(share[0]), int(share[-1]) + 1) if len(share) else (n, n)
+    if distributed.is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        fresh = not _resumable(folder, plan)
+        if fresh:
+            _clear(folder)
+            np.lib.format.open_memmap(folder / PARTIAL, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3))
+    distributed.barrier()  # the array exists before any rank writes into it
+    progress_file = folder / _progress_name(rank, world)
+    done = lo + _rows_done(progress_file, plan)
+    array = np.load(folder / PARTIAL, mmap_mode="r+")
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(images.with_transform(_Decode(image_size)), range(done, n)),
+        torch.utils.data.Subset(images.with_transform(_Decode(image_size)), range(done, hi)),
         batch_size=chunk, num_workers=workers, shuffle=False)
     bar = Progress(TextColumn("[bold]cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   disable=not progress)
+                   disable=not (progress and distributed.is_main()))
     with bar:
-        task = bar.add_task("cache", total=n, completed=done)
+        task = bar.add_task("cache", total=hi - lo, completed=done - lo)
         for pixels, _ in loader:
             array[done:done + len(pixels)] = pixels.numpy()
             array.flush()
             done += len(pixels)
-            write_json(folder / PROGRESS, {**plan, "rows": done})
-            bar.update(task, completed=done)
+            write_json(progress_file, {**plan, "rows": done - lo})
+            bar.update(task, completed=done - lo)
     del array
-    os.replace(folder / PARTIAL, folder / IMAGES)
-    with atomic_path(folder / LABELS) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.asarray(images.labels, dtype=np.int64))
-    write_json(folder / SIDECAR, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "n": n, "size": image_size,
-                                  "source": source or images.name, "images": IMAGES, "labels": LABELS,
-                                  "classes": list(images.classes), "fingerprint": fingerprint})
-    (folder / PROGRESS).unlink(missing_ok=True)
+    distributed.barrier()  # every share is decoded
+    if distributed.is_main():
+        os.replace(folder / PARTIAL, folder / IMAGES)
+        with atomic_path(folder / LABELS) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, np.asarray(images.labels, dtype=np.int64))
+        write_json(folder / SIDECAR, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "n": n, "size": image_size,
+                                      "source": source or images.name, "images": IMAGES, "labels": LABELS,
+                                      "classes": list(images.classes), "fingerprint": fingerprint})
+        for stale in folder.glob("progress*.json"):
+            stale.unlink()
+    distributed.barrier()
     return open_cache(folder)
 
 
-def _resume_point(folder: Path, plan: dict) -> int:
-    """Rows already decoded by an interrupted build of the same plan; 0 (and stale files removed) otherwise."""
-    progress = folder / PROGRESS
-    if progress.is_file() and (folder / PARTIAL).is_file():
-        state = json.loads(progress.read_text())
-        if {k: state.get(k) for k in plan} == plan:
-            return int(state["rows"])
-    for name in (SIDECAR, IMAGES, LABELS, PARTIAL, PROGRESS):
+def _progress_name(rank: int, world: int) -> str:
+    return PROGRESS if world == 1 else f"progress-{rank}-of-{world}.json"
+
+
+def _rows_done(progress_file: Path, plan: dict) -> int:
+    """Rows of this rank's share an interrupted build of the same plan decoded; 0 otherwise."""
+    if not progress_file.is_file():
+        return 0
+    state = json.loads(progress_file.read_text())
+    return int(state["rows"]) if {k: state.get(k) for k in plan} == plan else 0
+
+
+def _resumable(folder: Path, plan: dict) -> bool:
+    """A partial array is there and every progress file beside it belongs to this plan."""
+    records = [json.loads(f.read_text()) for f in folder.glob("progress*.json")]
+    return (folder / PARTIAL).is_file() and bool(records) and all(
+        {k: r.get(k) for k in plan} == plan for r in records)
+
+
+def _clear(folder: Path) -> None:
+    for name in (SIDECAR, IMAGES, LABELS, PARTIAL):
         (folder / name).unlink(missing_ok=True)
-    return 0
+    for stale in folder.glob("progress*.json"):
+        stale.unlink()
 
 
 def cached_source(source, image_size: int, seed: int, root: Path | str, workers: int = 0,
                   progress: bool = True) -> CachedImages:
     """The cache of a recipe ``DataSource``, built (or resumed, or rebuilt when the images changed) if needed.
 
-    Under torchrun rank 0 builds while the others wait; build big caches beforehand with
-    ``kt-edge data cache`` so the wait stays within the process group's timeout.
+    Under torchrun every rank decodes its share of the images (``build_cache``).
     """
     folder = cache_folder(source, image_size, seed, root)
-    if distributed.is_main():
-        path = Path(source.path)
-        if not path.is_dir():
-            raise DataError(f"data folder not found: {path}")
-        fingerprint = source_fingerprint(path)
-        card = read_card(folder)
-        if card is None or card["fingerprint"] != fingerprint:
-            if card is not None:
-                log.warning("%s changed since %s was built: rebuilding it", path, folder)
-            build_cache(open_source(source, seed), folder, image_size, fingerprint, source=str(path),
-                        workers=workers, progress=progress)
-    distributed.barrier()
+    path = Path(source.path)
+    if not path.is_dir():
+        raise DataError(f"data folder not found: {path}")
+    fingerprint = source_fingerprint(path)
+    card = read_card(folder)
+    if card is None or card["fingerprint"] != fingerprint:
+        if card is not None and distributed.is_main():
+            log.warning("%s changed since %s was built: rebuilding it", path, folder)
+        distributed.barrier()  # every rank has read the card before the build may delete it
+        build_cache(open_source(source, seed), folder, image_size, fingerprint, source=str(path),
+                    workers=workers, progress=progress)
     return open_cache(folder)

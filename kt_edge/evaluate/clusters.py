@@ -1,4 +1,5 @@
-"""Cluster alignment: how well k-means clusters of features match the true classes.
+"""How clusters match classes: cluster alignment of features (k-means, then the matching) and the report
+of a clustering (sizes, empty clusters, and against true labels where known).
 
 Reported as Hungarian accuracy (best one-to-one cluster -> class matching),
 NMI and ARI, the usual trio for self-supervised features.
@@ -10,6 +11,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
+
+from kt_edge.kmeans import Preprocessing, assign, fit_kmeans
 
 
 def _check(pred: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,9 +60,6 @@ def cluster_alignment(
     The best of ``restarts`` seeded k-means runs (lowest objective) is scored: one run's local optimum
     moves the accuracy by points between otherwise equal models.
     """
-    # imported here: transfer.cluster imports this module for its report
-    from kt_edge.transfer.cluster import Preprocessing, assign, fit_kmeans
-
     features, labels = np.asarray(features), np.asarray(labels)
     if features.ndim != 2 or len(features) != len(labels):
         raise ValueError(f"features [N, D] and labels [N] must match, got {features.shape} and {labels.shape}")
@@ -82,3 +82,40 @@ def cluster_alignment(
         "restarts": restarts,
         "objective": result.objective,
     }
+
+
+def cluster_report(assignments: np.ndarray, labels: np.ndarray | None = None, k: int | None = None) -> dict:
+    """Cluster sizes (balance, empty clusters) and, given labels (>= 0 = labelled), NMI / ARI / Hungarian accuracy."""
+    assignments = np.asarray(assignments, dtype=np.int64)
+    if assignments.ndim != 1 or len(assignments) == 0:
+        raise ValueError(f"assignments must be a non-empty 1-D array, got shape {assignments.shape}")
+    k = int(assignments.max()) + 1 if k is None else k
+    if assignments.min() < 0 or assignments.max() >= k:
+        raise ValueError(f"assignments must lie in 0..{k - 1}")
+    sizes = np.bincount(assignments, minlength=k)
+    edges = np.unique(np.geomspace(1, max(sizes.max(), 1) + 1, num=12).astype(np.int64))
+    counts, _ = np.histogram(sizes[sizes > 0], bins=edges)
+    report = {
+        "n": int(len(assignments)),
+        "k": k,
+        "empty_clusters": int((sizes == 0).sum()),
+        "size_min": int(sizes.min()),
+        "size_median": float(np.median(sizes)),
+        "size_max": int(sizes.max()),
+        "largest_fraction": float(sizes.max() / len(assignments)),
+        "size_histogram": {"bin_edges": edges.tolist(), "counts": counts.tolist()},
+    }
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != assignments.shape:
+            raise ValueError(f"labels shape {labels.shape} differs from assignments shape {assignments.shape}")
+        known = labels >= 0
+        if known.any():
+            pred, true = assignments[known], labels[known]
+            report.update(
+                labelled=int(known.sum()),
+                nmi=nmi(pred, true),
+                ari=ari(pred, true),
+                hungarian_accuracy=hungarian_accuracy(pred, true),
+            )
+    return report

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
-# Above this many train x test similarity pairs, search with faiss (GPU when
-# present) instead of a batched torch matmul; both searches are exact.
+# Above this many train x test similarity pairs on the CPU, search with faiss (where it is installed) instead
+# of a batched torch matmul; on a GPU torch's matmul does every search. All searches are exact.
 FAISS_MIN_PAIRS = 10**8
 
 
@@ -67,26 +66,38 @@ def nearest_neighbors(
     test = l2_normalize(test_x)
     if k > train.shape[0]:
         raise ValueError(f"k-NN k={k} exceeds the {train.shape[0]} training samples")
-    if train.shape[0] * test.shape[0] > FAISS_MIN_PAIRS:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and train.shape[0] * test.shape[0] > FAISS_MIN_PAIRS and _has_faiss():
         return _faiss_search(train, test, k)
-    train_t = torch.from_numpy(train)
+    train_t = torch.from_numpy(train).to(device)
     sims, idx = [], []
     with torch.no_grad():
         for start in range(0, test.shape[0], batch_size):
-            batch = torch.from_numpy(test[start : start + batch_size])
+            batch = torch.from_numpy(test[start : start + batch_size]).to(device)
             s, i = torch.topk(batch @ train_t.T, k, dim=1)
-            sims.append(s.numpy())
-            idx.append(i.numpy())
+            sims.append(s.cpu().numpy())
+            idx.append(i.cpu().numpy())
     if not sims:
         return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
     return np.concatenate(sims), np.concatenate(idx)
 
 
+def _has_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _faiss_search(train: np.ndarray, test: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product search with faiss IndexFlatIP, on GPU when faiss has one."""
+    """Exact inner-product search with faiss IndexFlatIP on the CPU, every core taking part."""
+    import faiss
+
+    from kt_edge.kmeans import cores
+
+    faiss.omp_set_num_threads(cores())
     index = faiss.IndexFlatIP(train.shape[1])
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(train)
     sims, idx = index.search(test, k)
     return sims, idx.astype(np.int64)

@@ -13,11 +13,12 @@ from kt_edge import atomic
 from kt_edge.data.sources import Images
 from kt_edge.engine import distributed
 from kt_edge.errors import DataError
+from kt_edge.evaluate.clusters import cluster_report
+from kt_edge.kmeans import fit_clusters, save_centroids
 from kt_edge.recipe import Recipe
 from kt_edge.stages.features import features_stage
 from kt_edge.stages.inputs import cluster_inputs, console, prepare, training_images
 from kt_edge.transfer import DISTILLERS
-from kt_edge.transfer.cluster import cluster_report, fit_clusters, save_centroids
 
 
 def cluster_stage(recipe: Recipe) -> Path:
@@ -48,17 +49,18 @@ def cluster_stage(recipe: Recipe) -> Path:
     sets = {"data.train": store}
     if cfg.assign_to is not None:
         sets["cluster.assign_to"] = features_stage(recipe, "assign_to")
-    if not distributed.is_main():  # every rank helps extract; rank 0 alone clusters and writes
-        distributed.barrier()
-        return out
+    # Every rank helps extract and cluster (each its share of the sample); rank 0 alone assigns and writes.
     model, _ = fit_clusters(store, cfg.k, pca_dim=cfg.pca_dim, normalize=cfg.normalize, niter=cfg.niter,
                             seed=recipe.seed, max_points_per_centroid=cfg.max_points_per_centroid,
-                            use_gpu=cfg.use_gpu)
+                            use_gpu=cfg.use_gpu, collective=True)
+    if not distributed.is_main():
+        distributed.barrier()
+        return out
     save_centroids(out / "centroids.npy", model)
     target = "cluster.assign_to" if cfg.assign_to is not None else "data.train"
     reports, assigned = {}, {}
     for name, features in sets.items():
-        assigned[name], _ = model.assign(features)
+        assigned[name], _ = model.assign(features, use_gpu=cfg.use_gpu)
         reports[name] = cluster_report(assigned[name], features.labels, cfg.k)
     with atomic.atomic_path(out / "pseudo_labels.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, assigned[target])
