@@ -122,14 +122,15 @@ def student_recipe(base: Recipe, student: str, name: str, teacher_dir: Path | No
 
 
 def student_cell(base: Recipe, student: str, name: str, teacher_dir: Path | None, runs_dir: Path,
-                 floor: bool) -> list[dict]:
-    """One distillation (or alone) cell; with ``floor`` also the random-init student, scored in the same pass."""
+                 floor: bool, export: bool = True) -> list[dict]:
+    """One distillation (or alone) cell; with ``floor`` also the random-init student, scored in the same pass;
+    ``export``: the bundle too, and its int8 model's k-NN."""
     recipe = student_recipe(base, student, name, teacher_dir, runs_dir, floor)
 
     def compute():
         try:
-            results, report = run_stages(recipe)
-            parity, failure = report["results"], None
+            results, report = run_stages(recipe, export_bundle=export)
+            parity, failure = (report or {}).get("results", {}), None
         except ParityError as exc:  # the bundle is written, unverified: its measured parity still counts
             results = json.loads((recipe.run_dir / "eval" / "results.json").read_text())
             parity = json.loads((recipe.run_dir / "bundle" / "manifest.json").read_text())["parity"]["results"]

@@ -7,13 +7,16 @@ Side by side in one run, each through the project's own code paths:
            (DataLoader workers decode and run torchvision MoCo v2), per-sample from the cache
   seed     SEED distillation, ResNet-50 teacher (frozen; bf16 on GPU) -> ResNet-18 student, at 224 px
            (Imagenette) and 32 px (CIFAR-10), trained by kt_edge.engine.trainer.train on both data paths
-  moco     MoCo v2 teacher training: ResNet-50 at 224 px and ResNet-18 at 32 px, batched data path
+  teachers teacher training, batched data path: MoCo v2 ResNet-50 at 224 px; MoCo v2 ResNet-18 and ResNet-50
+           (the teacher recipes/cifar10.yaml trains) and SimCLR ResNet-18 at 32 px
   extract  ResNet-50 feature extraction: features.extract end to end from the cache, and the model
            alone on device tensors
 
-Training images/s come from the median interval between logged steps after warm-up, so they
-include data loading; FLOPs per image come from torch.utils.flop_counter on one step (forward and
-backward, the frozen teacher included) and give the achieved TFLOP/s. Networks are randomly
+Training images/s are the images of the timed steps over their wall time (from the end of the warm-up
+to the end of the last step, data loading and every stall included; a median step interval would
+over-report a run the data path holds back); FLOPs per image come from torch.utils.flop_counter on one
+step (forward and backward, the frozen teacher included) and give the achieved TFLOP/s and the fraction
+of the GPU's dense bf16 peak. Networks are randomly
 initialised: speed does not depend on the weights. Results: benchmarks/results/throughput-<machine>.json.
 
     python benchmarks/throughput.py                          # sized for the device found
@@ -23,11 +26,11 @@ initialised: speed does not depend on the weights. Results: benchmarks/results/t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -42,25 +45,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kt_edge.atomic import write_json  # noqa: E402
-from kt_edge.data.augment import MEAN, STD, SeededViews, moco_v2  # noqa: E402
+from kt_edge.data.augment import MEAN, STD, moco_v2  # noqa: E402
 from kt_edge.data.cache import cached_source  # noqa: E402
-from kt_edge.data.feed import ArrayBatches  # noqa: E402
-from kt_edge.data.gpu_augment import BatchAugment  # noqa: E402
+from kt_edge.data.feed import TrainingFeed  # noqa: E402
 from kt_edge.data.sources import open_source  # noqa: E402
 from kt_edge.engine.device import resolve_device  # noqa: E402
 from kt_edge.engine.trainer import train  # noqa: E402
 from kt_edge.features import extract  # noqa: E402
 from kt_edge.models.backbones import build_backbone  # noqa: E402
 from kt_edge.models.frozen import FrozenTeacher  # noqa: E402
+from kt_edge.models.heads import projection_head  # noqa: E402
 from kt_edge.recipe import DataSource, TrainConfig  # noqa: E402
 from kt_edge.teachers.moco import MoCo  # noqa: E402
+from kt_edge.teachers.simclr import SimCLR  # noqa: E402
 from kt_edge.transfer.seed import Seed  # noqa: E402
 from kt_edge_runtime.bench import machine_name  # noqa: E402
 
-SECTIONS = ("data", "seed", "moco", "extract")
+SECTIONS = ("data", "seed", "teachers", "extract")
+TEACHER_CELLS = {224: (("moco", "resnet50"),), 32: (("moco", "resnet18"), ("moco", "resnet50"), ("simclr", "resnet18"))}
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets; the first name fragment found wins.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
-TARGET_SEED_224 = 5000  # images/s, SEED R50 -> R18 at 224 px on one H100, data loading included
+TARGET_SEED_224 = 10_000  # images/s, SEED R50 -> R18 at 224 px on one H200 (about 20% of its bf16 peak)
 DEFAULTS = {  # per device type: global batch at 224 / 32 px, images per data set (None: all), steps, warm-up
     # steps, DataLoader workers, images to extract features of (None: all)
     "cuda": {"batch_224": 256, "batch_32": 512, "subset_224": None, "subset_32": None, "steps": 40, "warmup": 10,
@@ -96,19 +101,23 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- models and FLOPs
 
 
-def seed_method(size: int, n_images: int, device: torch.device) -> Seed:
-    teacher = FrozenTeacher(build_backbone("resnet50", size), device)
-    return Seed(build_backbone("resnet18", size), teacher, {"queue": queue_size(n_images)}, n_images)
+def seed_method(size: int, n_images: int, batch: int, device: torch.device) -> Seed:
+    """SEED R50 -> R18, distilling the teacher's 128-d MoCo v2 projection as the official code does."""
+    teacher = FrozenTeacher(build_backbone("resnet50", size), device, projection_head(2048, 2048, 128))
+    return Seed(build_backbone("resnet18", size), teacher, {"queue": queue_size(n_images, batch)}, n_images)
 
 
-def moco_method(size: int, n_images: int) -> MoCo:
-    arch = "resnet50" if size > 64 else "resnet18"
-    return MoCo(build_backbone(arch, size), {"queue": queue_size(n_images)}, n_images)
+def teacher_method(name: str, arch: str, size: int, n_images: int, batch: int):
+    if name == "moco":
+        return MoCo(build_backbone(arch, size), {"queue": queue_size(n_images, batch)}, n_images)
+    return SimCLR(build_backbone(arch, size), {}, n_images)
 
 
-def queue_size(n_images: int) -> int:
-    """The official 65536, or the largest power of two below half the data set (queues must be smaller)."""
-    return min(65536, 2 ** int(np.log2(max(2, n_images // 2))))
+def queue_size(n_images: int, batch: int) -> int:
+    """The official 65536, or the largest power of two up to a quarter of the data set (kt-edge warns above
+    it), as a whole number of batches."""
+    size = min(65536, 2 ** int(np.log2(max(2, n_images // 4))))
+    return max(batch, size // batch * batch)
 
 
 def step_flops(method, size: int, views: int, n: int = 2) -> float:
@@ -127,6 +136,11 @@ def forward_flops(model, size: int, n: int = 2) -> float:
     return counter.get_total_flops() / n
 
 
+def fraction(row: dict) -> str:
+    share = row.get("fraction_of_bf16_peak")
+    return f", {100 * share:.1f}% of bf16 peak" if share is not None else ""
+
+
 def with_compute(result: dict, flops_per_image: float, peak: float | None) -> dict:
     achieved = flops_per_image * result["images_per_s"] / 1e12
     result.update(gflops_per_image=flops_per_image / 1e9, achieved_tflops=achieved,
@@ -138,47 +152,39 @@ def with_compute(result: dict, flops_per_image: float, peak: float | None) -> di
 
 
 def data_rate(kind: str, images, size: int, batch: int, steps: int, warmup: int, device, workers: int) -> dict:
-    """images/s one data path delivers to the device, augmented and ready for the model."""
-    sampler = torch.utils.data.RandomSampler(images, replacement=True, num_samples=steps * batch,
-                                             generator=torch.Generator().manual_seed(0))
-    common = {"num_workers": workers, "pin_memory": device.type == "cuda"}
-    if kind == "batched":
-        augment = BatchAugment.from_transform(moco_v2(size))
-        loader = torch.utils.data.DataLoader(
-            ArrayBatches(images, augment, 0, size), batch_size=None,
-            sampler=torch.utils.data.BatchSampler(sampler, batch, drop_last=True), **common)
+    """images/s the training feed delivers to the device, augmented and ready for the model (SEED's one view)."""
+    feed = TrainingFeed(images, moco_v2(size), "batched" if kind == "batched" else "per_sample", seed=0,
+                        batch_size=batch, image_size=size, device=device, workers=workers)
 
-        def fetch(b):
-            return augment(b[0].to(device, non_blocking=True), b[1].to(device, non_blocking=True))
-    else:
-        loader = torch.utils.data.DataLoader(SeededViews(images.with_transform(moco_v2(size)), 0), batch_size=batch,
-                                             sampler=sampler, drop_last=True, **common)
+    def batches():
+        for epoch in itertools.count():
+            yield from feed.epoch(epoch, 0)
 
-        def fetch(b):
-            return b[0].to(device, non_blocking=True)
     started = None
-    for i, b in enumerate(loader):
-        out = fetch(b)
+    for i, (views, _) in zip(range(steps), batches()):
         if i == warmup - 1:
             sync(device)
             started = time.perf_counter()
-    out.sum().item()
+    views.sum().item()
     seconds = time.perf_counter() - started
     return {"images_per_s": (steps - warmup) * batch / seconds, "batches_timed": steps - warmup, "batch": batch}
 
 
 def train_rate(name: str, method, data, size: int, batch: int, steps: int, warmup: int, augment: str, device,
                workers: int, folder: Path, compile_: bool) -> dict:
-    """images/s of the real training loop: the median interval between its logged steps after warm-up."""
+    """images/s of the real training loop: the timed steps' images over their wall time.
+
+    The loop logs (and so synchronises with the device) every ``warmup`` steps; the times logged at the end of
+    the warm-up and at the last step bound the timed steps.
+    """
     cfg = TrainConfig(epochs=10**6, max_steps=steps, batch_size=batch, lr=0.01, checkpoint_every=10**9,
-                      compile=compile_)
+                      log_every=warmup, compile=compile_)
     run = folder / f"{name}-{augment}"
     train(method, data, cfg, run, stage=name, seed=0, device=device, image_size=size, workers=workers,
           metrics_path=run / "metrics.jsonl", augment=augment)
-    times = [json.loads(line)["time"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    intervals = np.diff(times)[warmup - 1:]
-    median = statistics.median(intervals)
-    return {"images_per_s": batch / median, "step_seconds_median": median, "steps_timed": len(intervals),
+    logged = {r["step"]: r["time"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    seconds = logged[steps] - logged[warmup]
+    return {"images_per_s": (steps - warmup) * batch / seconds, "seconds": seconds, "steps_timed": steps - warmup,
             "batch": batch}
 
 
@@ -214,13 +220,15 @@ def model_rate(size: int, batch: int, device, repeats: int) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
-def dataset_name(size: int) -> str:
-    return "imagenette/train" if size > 64 else "cifar10/train"
+def dataset_folder(args, size: int) -> Path:
+    """Imagenette train at 224 px and CIFAR-10 train at 32 (or the folders --data-224 and --data-32 name)."""
+    given = args.data_224 if size > 64 else args.data_32
+    return given or args.data / ("imagenette/train" if size > 64 else "cifar10/train")
 
 
 def datasets(args, size: int, subset: int | None, cache_dir: Path):
-    """(JPEG files, their uint8 cache) for one resolution: Imagenette train at 224 px, CIFAR-10 train at 32."""
-    folder = args.data / dataset_name(size)
+    """(JPEG files, their uint8 cache at ``size``) for one resolution."""
+    folder = dataset_folder(args, size)
     if not folder.is_dir():
         raise SystemExit(f"data folder not found: {folder} (set --data or KT_EDGE_SHARED_DATA)")
     source = DataSource(path=folder, subset=subset)
@@ -233,15 +241,16 @@ def run(args) -> dict:
     peak = peak_tflops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     report = {"benchmark": "throughput", "machine": machine(device), "params": {}, "data": {}, "train": {},
               "extract": {}}
-    sizes = {224: (args.batch_224, args.subset_224), 32: (args.batch_32, args.subset_32)}
+    sizes = {size: {224: (args.batch_224, args.subset_224), 32: (args.batch_32, args.subset_32)}[size]
+             for size in args.sizes}
     with tempfile.TemporaryDirectory(prefix="kt-edge-throughput-") as tmp:
         tmp = Path(tmp)
         cache_dir = args.cache_dir or tmp / "cache"
         for size, (batch, subset) in sizes.items():
             files, cached = datasets(args, size, subset, cache_dir)
             n, key = len(cached), f"{size}px"
-            report["params"][key] = {"images": n, "batch": batch, "queue": queue_size(n),
-                                     "source": dataset_name(size)}
+            report["params"][key] = {"images": n, "batch": batch, "queue": queue_size(n, batch),
+                                     "source": str(dataset_folder(args, size))}
             if "data" in args.only:
                 report["data"][key] = {
                     kind: data_rate(kind, images, size, batch, args.steps, args.warmup, device, args.workers)
@@ -250,26 +259,27 @@ def run(args) -> dict:
                 print(f"data {key}: " + ", ".join(f"{k} {v['images_per_s']:.0f} img/s"
                                                    for k, v in report["data"][key].items()), flush=True)
             if "seed" in args.only:
-                flops = step_flops(seed_method(size, n, torch.device("cpu")), size, views=1)
+                flops = step_flops(seed_method(size, n, batch, torch.device("cpu")), size, views=1)
                 rows = {}
                 for augment, data in (("batched", cached), ("per_sample", files)):
                     torch.manual_seed(0)
                     rows[augment] = with_compute(train_rate(
-                        f"seed-{size}", seed_method(size, n, device), data, size, batch, args.steps, args.warmup,
+                        f"seed-{size}", seed_method(size, n, batch, device), data, size, batch, args.steps, args.warmup,
                         augment, device, args.workers, tmp, args.compile), flops, peak)
                 report["train"][f"seed_r50_to_r18_{key}"] = rows
                 print(f"seed r50->r18 {key}: " + ", ".join(
-                    f"{k} {v['images_per_s']:.1f} img/s ({v['achieved_tflops']:.3f} TFLOP/s)" for k, v in rows.items()),
-                    flush=True)
-            if "moco" in args.only:
-                flops = step_flops(moco_method(size, n), size, views=2)
-                torch.manual_seed(0)
-                row = with_compute(train_rate(f"moco-{size}", moco_method(size, n), cached, size, batch, args.steps,
-                                              args.warmup, "batched", device, args.workers, tmp, args.compile),
-                                   flops, peak)
-                report["train"][f"moco_v2_{'r50' if size > 64 else 'r18'}_{key}"] = {"batched": row}
-                print(f"moco v2 {key}: {row['images_per_s']:.1f} img/s ({row['achieved_tflops']:.3f} TFLOP/s)",
-                      flush=True)
+                    f"{k} {v['images_per_s']:.1f} img/s ({v['achieved_tflops']:.3f} TFLOP/s{fraction(v)})"
+                    for k, v in rows.items()), flush=True)
+            if "teachers" in args.only:
+                for name, arch in TEACHER_CELLS[size]:
+                    flops = step_flops(teacher_method(name, arch, size, n, batch), size, views=2)
+                    torch.manual_seed(0)
+                    row = with_compute(train_rate(f"{name}-{arch}-{size}", teacher_method(name, arch, size, n, batch),
+                                                  cached, size, batch, args.steps, args.warmup, "batched", device,
+                                                  args.workers, tmp, args.compile), flops, peak)
+                    report["train"][f"{name}_{arch.replace('resnet', 'r')}_{key}"] = {"batched": row}
+                    print(f"{name} {arch} {key}: {row['images_per_s']:.1f} img/s "
+                          f"({row['achieved_tflops']:.3f} TFLOP/s{fraction(row)})", flush=True)
             if "extract" in args.only:
                 flops = forward_flops(build_backbone("resnet50", size), size)
                 report["extract"][f"r50_{key}"] = {
@@ -283,16 +293,17 @@ def run(args) -> dict:
                       flush=True)
     seed_224 = report["train"].get("seed_r50_to_r18_224px", {}).get("batched")
     gpu = report["machine"]["gpu"] or ""
-    report["target"] = {"seed_r50_to_r18_224px_images_per_s": TARGET_SEED_224, "on": "one H100",
+    report["target"] = {"seed_r50_to_r18_224px_images_per_s": TARGET_SEED_224, "on": "one H100 or H200",
                         "measured": seed_224["images_per_s"] if seed_224 else None,
-                        "met": (seed_224["images_per_s"] >= TARGET_SEED_224) if seed_224 and "H100" in gpu else None}
+                        "met": (seed_224["images_per_s"] >= TARGET_SEED_224)
+                        if seed_224 and ("H100" in gpu or "H200" in gpu) else None}
     report["params"].update(steps=args.steps, warmup=args.warmup, workers=args.workers, compile=args.compile,
                             extract_images=args.extract_images,
                             device=str(device), amp_bf16=device.type == "cuda", channels_last=device.type == "cuda")
     report["machine"]["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report["notes"] = [
-        ("training images/s: global batch / median interval between logged optimiser steps after warm-up, "
-         "data loading included; the first epoch's DataLoader start is inside the warm-up"),
+        ("training images/s: the timed steps' images over their wall time (end of warm-up to end of the last "
+         "step), data loading included; the DataLoader's start is inside the warm-up"),
         ("FLOPs: torch.utils.flop_counter on one step at batch 2 (fp32, CPU), per image; achieved TFLOP/s = "
          "FLOPs per image x images/s; the fraction of peak uses the dense bf16 peak of the GPU (none on CPU)"),
         ("on CPU the batched path augments on the CPU in the main process: its figures show the code path "
@@ -306,6 +317,9 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shared = os.environ.get("KT_EDGE_SHARED_DATA", str(REPO.parent / "shared" / "data"))
     p.add_argument("--data", type=Path, default=Path(shared), help="folder with imagenette/ and cifar10/ trees")
+    p.add_argument("--data-224", type=Path, default=None, help="image folder for 224 px (default --data/imagenette/train)")
+    p.add_argument("--data-32", type=Path, default=None, help="image folder for 32 px (default --data/cifar10/train)")
+    p.add_argument("--sizes", default="224,32", help="image sizes to measure, of 224 and 32")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {','.join(SECTIONS)}")
     for key in ("batch_224", "batch_32", "subset_224", "subset_32", "steps", "warmup", "workers", "extract_images"):
@@ -317,6 +331,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/throughput-<machine>.json)")
     args = p.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
+    args.sizes = [int(v) for v in args.sizes.split(",") if v]
+    if not set(args.sizes) <= {224, 32}:
+        p.error(f"--sizes {args.sizes}: choose from 224 and 32")
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         p.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
@@ -324,8 +341,9 @@ def parse(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.warmup < 1 or args.steps <= args.warmup:
-        p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}), which must be at least 1")
+    if args.warmup < 1 or args.steps <= args.warmup or args.steps % args.warmup:
+        p.error(f"--steps ({args.steps}) must be a multiple of --warmup ({args.warmup}) above it (the loop "
+                "synchronises every --warmup steps)")
     return args
 
 

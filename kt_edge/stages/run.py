@@ -16,10 +16,11 @@ from kt_edge.stages.inputs import distill_needs
 from kt_edge.stages.teacher import train_teacher
 
 
-def run_stages(recipe: Recipe, resume: bool = False) -> tuple[dict, dict] | None:
+def run_stages(recipe: Recipe, resume: bool = False, export_bundle: bool = True) -> tuple[dict, dict | None] | None:
     """teacher -> [features -> cluster, when distill.method needs them] -> distill -> eval -> export; returns
-    the evaluation results and the export report (None on the ranks other than 0 under torchrun).  A student
-    trained alone (distill.method a teacher method) skips the teacher."""
+    the evaluation results and the export report (None without ``export_bundle``, and None altogether on the
+    ranks other than 0 under torchrun).  A student trained alone (distill.method a teacher method) skips the
+    teacher."""
     needs = distill_needs(recipe)
     if needs != "nothing":
         train_teacher(recipe, resume)
@@ -30,7 +31,7 @@ def run_stages(recipe: Recipe, resume: bool = False) -> tuple[dict, dict] | None
     distill(recipe, resume)
     if not distributed.is_main():  # under torchrun, evaluation and export are rank 0's
         return None
-    return evaluate(recipe), export(recipe)
+    return evaluate(recipe), export(recipe) if export_bundle else None
 
 
 def run_all(recipe: Recipe, resume: bool = False) -> None:
