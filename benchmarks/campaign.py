@@ -166,7 +166,7 @@ def machine_step(c: Campaign) -> None:
     with c.step("gpu_tests") as entry:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
                                "tests/gpu"], cwd=REPO, capture_output=True, text=True,
-                              timeout=max(10.0, min(90.0, c.left() * 0.15)))
+                              timeout=max(5.0, min(90.0, c.left() * 0.15)))
         summary = (proc.stdout.strip().splitlines() or [""])[-1]
         counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
         entry.update(returncode=proc.returncode, summary=summary, counts=counts, output_tail=proc.stdout[-2000:])

@@ -12,9 +12,7 @@ from kt_edge.models.importers import import_teacher
 from kt_edge.models.parts import MAX_PART_BYTES
 from sample_kit import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from campaign import STEPS  # noqa: E402
+STEPS = ["machine", "gpu_tests", "throughput", "kmeans", "plan", "teacher", "students", "export"]  # in order
 
 
 def _campaign(tmp_path, budget: float) -> tuple[dict, float]:
@@ -70,7 +68,7 @@ def test_the_teacher_comes_back_in_parts_that_import_as_the_trained_teacher(rehe
 
 
 def test_a_run_cut_short_by_its_budget_ends_in_time_with_what_it_finished(tmp_path):
-    report, seconds = _campaign(tmp_path, budget=8)
-    assert seconds < 8 + 40  # the budget, and the start and teardown of a Python process with torch
+    report, _ = _campaign(tmp_path, budget=8)
+    assert report["elapsed_s"] < 8 + 10  # the budget, and the step in flight stopping
     statuses = {name: step["status"] for name, step in report["steps"].items()}
     assert statuses["machine"] == "done" and statuses["students"].startswith("skipped: the budget is spent")

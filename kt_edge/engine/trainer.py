@@ -1,8 +1,8 @@
 """The training loop every teacher and distillation method runs on.
 
-A *method* is an ``nn.Module`` with ``train_transform(image_size)``, ``training_step(batch) ->
-dict`` (with a ``loss`` tensor) and optionally ``after_step(step, total_steps)`` for momentum
-encoders and queues, and a ``backbone`` attribute: the network the stage hands on.
+A *method* keeps the contract of ``kt_edge.engine.method.Method``: ``train_transform(image_size)``,
+``training_step(batch) -> dict`` (with a ``loss`` tensor), ``after_step(step, total_steps)`` for
+momentum encoders and queues, and a ``backbone`` attribute: the network the stage hands on.
 
 The loop owns the rest, written once: seeding, device, bf16 autocast, the cosine schedule,
 progress, ``metrics.jsonl``, resume points written atomically, SIGTERM/SIGINT handling and a
@@ -173,8 +173,7 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
                     optimizer.zero_grad(set_to_none=True)
                     out["loss"].backward()
                     optimizer.step()
-                    if hasattr(method, "after_step"):
-                        method.after_step(step, total)
+                    method.after_step(step, total)
                     step += 1
 
                     # Every log_every steps (and at the end, a step-based resume point, or a stop of one

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kt_edge.engine import distributed
+from kt_edge.engine.method import Needs
 from kt_edge.engine.device import resolve_device
 from kt_edge.errors import CheckpointError, DataError
 from kt_edge.models.backbones import build_backbone
@@ -46,14 +47,14 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
     teacher_dir = run_dir / "teacher"
     cfg = recipe.distill
     needs, extra = distill_needs(recipe), {}
-    if needs != "nothing" and not up_to_date(teacher_dir, teacher_inputs(recipe)):
+    if needs is not Needs.NOTHING and not up_to_date(teacher_dir, teacher_inputs(recipe)):
         raise CheckpointError(f"no teacher for this recipe in {teacher_dir}: run `kt-edge train-teacher` first")
     device = resolve_device(recipe.device)
-    if needs == "nothing":
+    if needs is Needs.NOTHING:
         data, teacher = training_images(recipe), None
-    elif needs == "pseudo_labels":  # the teacher speaks through the labels; it is not run while training
+    elif needs is Needs.PSEUDO_LABELS:  # the teacher speaks through the labels; it is not run while training
         data, teacher, extra["n_classes"] = pseudo_labelled(recipe), None, recipe.cluster.k
-    elif needs == "cached_features":
+    elif needs is Needs.FEATURES:
         data = training_images(recipe)
         teacher = CachedTeacher(features_stage(recipe, "train"), device)
         if len(teacher) != len(data):
@@ -65,7 +66,7 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
         teacher = frozen_teacher(teacher_dir, cfg.options.get("teacher_space", "backbone"), device)
     torch.manual_seed(recipe.seed)
     student = build_backbone(cfg.student, recipe.data.image_size)
-    if needs == "nothing":
+    if needs is Needs.NOTHING:
         method = TEACHERS[cfg.method](student, cfg.options, n_images=len(data))
     else:
         method = DISTILLERS[cfg.method](student, teacher, cfg.options, n_images=len(data), **extra)
@@ -74,7 +75,7 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
         space = {"teacher_space": teacher.space, "teacher_dim": teacher.embed_dim} if isinstance(
             teacher, FrozenTeacher) else {}
         save_backbone(method.backbone, out, stage="student", method=cfg.method,
-                      teacher=None if needs == "nothing" else str(teacher_dir), **space,
+                      teacher=None if needs is Needs.NOTHING else str(teacher_dir), **space,
                       inputs=inputs, steps=result.steps, final_loss=result.final_loss)
     distributed.barrier()
     return out

@@ -13,6 +13,7 @@ from kt_edge.data.augment import eval_transform
 from kt_edge.data.cache import cached_source
 from kt_edge.data.sources import Images, open_source
 from kt_edge.engine import distributed
+from kt_edge.engine.method import Needs, needs as method_needs
 from kt_edge.errors import DataError
 from kt_edge.models.checkpoint import read_sidecar
 from kt_edge.recipe import Recipe
@@ -66,21 +67,19 @@ def teacher_inputs(recipe: Recipe) -> str:
 def student_inputs(recipe: Recipe) -> str:
     needs = distill_needs(recipe)
     keys = ["seed", "data.train", "data.image_size", "distill"]
-    if needs != "nothing":
+    if needs is not Needs.NOTHING:
         keys.insert(3, "teacher")
-    if needs == "pseudo_labels":
+    if needs is Needs.PSEUDO_LABELS:
         keys.append("cluster")
     return recipe.digest(*keys)
 
 
-def distill_needs(recipe: Recipe) -> str:
-    """What distill.method needs first: "teacher" (the trained teacher network), "pseudo_labels" (cluster
-    stage), "cached_features" (features), or "nothing" (a teacher method: the student trains alone, the
-    self-supervised baseline distillation must beat)."""
+def distill_needs(recipe: Recipe) -> Needs:
+    """What distill.method needs first; a teacher method needs nothing: the student trains alone, the
+    self-supervised baseline distillation must beat."""
     if recipe.distill.method in TEACHERS:
-        return "nothing"
-    needs = getattr(DISTILLERS[recipe.distill.method], "needs", None)
-    return (needs(recipe.distill.options) if needs else None) or "teacher"
+        return Needs.NOTHING
+    return method_needs(DISTILLERS[recipe.distill.method], recipe.distill.options)
 
 
 FEATURE_SPLITS = {"train": "data.train", "test": "data.test", "assign_to": "cluster.assign_to"}

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kt_edge.engine import distributed
+from kt_edge.engine.method import Needs
 from kt_edge.recipe import Recipe
 from kt_edge.stages.cluster import cluster_stage
 from kt_edge.stages.distill import distill
@@ -22,11 +23,11 @@ def run_stages(recipe: Recipe, resume: bool = False, export_bundle: bool = True)
     ranks other than 0 under torchrun).  A student trained alone (distill.method a teacher method) skips the
     teacher."""
     needs = distill_needs(recipe)
-    if needs != "nothing":
+    if needs is not Needs.NOTHING:
         train_teacher(recipe, resume)
-    if needs == "pseudo_labels":
+    if needs is Needs.PSEUDO_LABELS:
         cluster_stage(recipe)  # extracts the teacher's features first
-    elif needs == "cached_features":
+    elif needs is Needs.FEATURES:
         features_stage(recipe, "train")
     distill(recipe, resume)
     if not distributed.is_main():  # under torchrun, evaluation and export are rank 0's

@@ -78,3 +78,6 @@ class BarlowTwins(nn.Module):
         z1 = self.projector(self.backbone(v1))  # B x dim
         z2 = self.projector(self.backbone(v2))
         return {"loss": barlow_loss(z1, z2, self.opts.lambd)}
+
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing moves after the optimiser's step: no momentum encoder, no queue."""

@@ -109,6 +109,9 @@ class Jigsaw(nn.Module):
         logits = self.head(embed_tiles(self.backbone, tiles)).float()
         return {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(1) == labels).float().mean()}
 
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing moves after the optimiser's step: no momentum encoder, no queue."""
+
 
 class JigsawPP(Jigsaw):
     """Jigsaw++ (Noroozi et al. 2018): 701 permutations 3 apart, up to 2 tiles from other images, 70% grey."""

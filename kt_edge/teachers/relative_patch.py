@@ -80,3 +80,6 @@ class RelativePatch(nn.Module):
         (patches, labels), _ = batch
         logits = self.head(embed_tiles(self.backbone, patches)).float()
         return {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(1) == labels).float().mean()}
+
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing moves after the optimiser's step: no momentum encoder, no queue."""

@@ -59,3 +59,6 @@ class Rotation(nn.Module):
         rotated, labels = rotate_batch(images)
         logits = self.head(self.backbone(rotated)).float()
         return {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(1) == labels).float().mean()}
+
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing moves after the optimiser's step: no momentum encoder, no queue."""

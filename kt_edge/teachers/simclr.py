@@ -70,3 +70,6 @@ class SimCLR(nn.Module):
         (v1, v2), _ = batch  # views: B x 3 x S x S
         z1, z2 = self.head(self.backbone(torch.cat([v1, v2]))).chunk(2)  # B x dim each
         return {"loss": nt_xent(z1, z2, self.opts.temperature)}
+
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing moves after the optimiser's step: no momentum encoder, no queue."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from kt_edge.data.augment import crop_flip, moco_v2
 from kt_edge.engine.ema import ema_update
+from kt_edge.engine.method import Needs
 from kt_edge.engine.precision import full_precision
 from kt_edge.engine.queue import FeatureQueue, check_queue_size, queue_field
 from kt_edge.models.backbones import Backbone
@@ -88,8 +89,8 @@ class Compress(nn.Module):
         self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @staticmethod
-    def needs(options: dict) -> str | None:
-        return "cached_features" if options.get("teacher_features") == "cached" else None
+    def needs(options: dict) -> Needs:
+        return Needs.FEATURES if options.get("teacher_features") == "cached" else Needs.TEACHER
 
     def train_transform(self, image_size: int):
         return moco_v2(image_size) if self.opts.augment == "moco_v2" else crop_flip(image_size)

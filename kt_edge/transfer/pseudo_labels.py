@@ -17,6 +17,7 @@ from torch import nn
 
 from kt_edge.data.augment import crop_flip
 from kt_edge.data.sources import Images
+from kt_edge.engine.method import Needs
 from kt_edge.models.backbones import Backbone
 
 
@@ -39,8 +40,8 @@ class ClusterTransfer(nn.Module):
         self.classifier = nn.Linear(student.embed_dim, n_classes)
 
     @staticmethod
-    def needs(options: dict) -> str | None:
-        return "pseudo_labels"
+    def needs(options: dict) -> Needs:
+        return Needs.PSEUDO_LABELS
 
     @staticmethod
     def training_set(images: Images, labels: np.ndarray, options: dict) -> Images:
@@ -59,6 +60,9 @@ class ClusterTransfer(nn.Module):
         logits = self.classifier(self.backbone(images)).float()
         loss = F.cross_entropy(logits, labels)
         return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
+
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing moves after the optimiser's step: no momentum encoder, no queue."""
 
 
 class ClusterBalanced(Images):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from kt_edge.data.augment import moco_v2
+from kt_edge.engine.method import Needs
 from kt_edge.engine.precision import full_precision
 from kt_edge.models.backbones import Backbone
 from kt_edge.models.frozen import TeacherSpace
@@ -52,8 +53,8 @@ class Regress(nn.Module):
         self.head = projection_head(student.embed_dim, self.opts.hidden, teacher.embed_dim)
 
     @staticmethod
-    def needs(options: dict) -> str | None:
-        return "cached_features" if options.get("teacher_features") == "cached" else None
+    def needs(options: dict) -> Needs:
+        return Needs.FEATURES if options.get("teacher_features") == "cached" else Needs.TEACHER
 
     @staticmethod
     def train_transform(image_size: int):
@@ -65,6 +66,9 @@ class Regress(nn.Module):
         s = self.head(self.backbone(images)).float()  # s: B x D
         loss = regress_loss(s, t)
         return {"loss": loss, "cosine": 1 - loss.detach() / 2}
+
+    def after_step(self, step: int, total: int) -> None:
+        """Nothing moves after the optimiser's step: no momentum encoder, no queue."""
 
 
 @full_precision

@@ -25,7 +25,7 @@ def test_every_method_steps_under_bf16_without_a_host_synchronisation(kind, name
 
     monkeypatch.setenv(tiles.CACHE_ENV, str(tmp_path / "cache"))
     method, registry = _build(kind, name, CUDA)
-    batch = _to(_batch(method, registry), CUDA)
+    batch = _to(_batch(method, *registry), CUDA)
     method.to(CUDA)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
@@ -33,8 +33,7 @@ def test_every_method_steps_under_bf16_without_a_host_synchronisation(kind, name
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = method.training_step(batch)
         out["loss"].backward()
-        if hasattr(method, "after_step"):
-            method.after_step(0, 10)
+        method.after_step(0, 10)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32

@@ -1,28 +1,8 @@
-"""Helpers of the teacher tests: real sample images, one fixed batch, a few optimiser steps."""
+"""Helpers of the teacher tests: a few optimiser steps on one batch, puzzles whose pixels say where they came from."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from torch.utils.data import default_collate
-
-from kt_edge.data.sources import Images, open_images
-
-REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "data" / "sample" / "cifar10"
-
-
-def sample_images(n: int, seed: int = 0) -> Images:
-    """A seeded subset of the shipped CIFAR-10 sample (real 32 px images)."""
-    return open_images(SAMPLE / "train", subset=n, seed=seed)
-
-
-def fixed_batch(method: torch.nn.Module, images: Images, image_size: int = 32, seed: int = 0):
-    """One batch as the trainer's DataLoader would build it: (method's views, labels)."""
-    torch.manual_seed(seed)
-    transform = method.train_transform(image_size)
-    return default_collate([(transform(images.image(i)), int(images.labels[i])) for i in range(len(images))])
 
 
 def losses_over_steps(method: torch.nn.Module, batch, steps: int, lr: float = 1e-3) -> list[float]:

@@ -14,7 +14,7 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import load_backbone, load_projection, save_backbone
 from kt_edge.models.importers import backbone_state, detect_format, import_teacher, read_checkpoint
 from kt_edge.recipe import recipe_from_dict
-from teacher_kit import SAMPLE
+from sample_kit import SAMPLE
 
 SIZE = 32
 

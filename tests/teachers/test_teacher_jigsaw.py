@@ -10,7 +10,8 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import recipe_from_dict
 from kt_edge.teachers import tiles
 from kt_edge.teachers.jigsaw import Jigsaw, JigsawPP, swap_in_donors
-from teacher_kit import SAMPLE, coordinate_puzzle, fixed_batch, losses_over_steps, sample_images
+from sample_kit import SAMPLE, fixed_batch, sample_images
+from teacher_kit import coordinate_puzzle, losses_over_steps
 
 HEAD = {"tile_dim": 32, "hidden": 64}
 

@@ -10,7 +10,8 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.teachers.barlow import BarlowTwins, barlow_loss
 from kt_edge.teachers.byol import BYOL, momentum_at, regression_loss
 from kt_edge.teachers.simclr import SimCLR, nt_xent
-from teacher_kit import fixed_batch, losses_over_steps, sample_images
+from sample_kit import fixed_batch, sample_images
+from teacher_kit import losses_over_steps
 
 
 def test_nt_xent_matches_its_definition():

@@ -7,15 +7,13 @@ from kt_edge.engine.trainer import train
 from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import recipe_from_dict
 from kt_edge.teachers import TEACHERS, tiles
-from teacher_kit import SAMPLE, sample_images
+from sample_kit import SAMPLE, sample_images
 from test_method_conformance import TEACHER_OPTIONS as SMALL
 
 
-def test_every_method_is_registered_documented_and_has_valid_defaults():
-    assert set(TEACHERS) == set(SMALL)
-    for name, method in TEACHERS.items():
+def test_every_method_has_valid_defaults():
+    for method in TEACHERS.values():
         method.Options()  # `kt-edge methods` lists these defaults
-        assert (method.__doc__ or "").strip(), name  # ... after the first line of the docstring
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -6,7 +6,8 @@ from kt_edge.data.augment import MEAN, STD
 from kt_edge.models.backbones import build_backbone
 from kt_edge.teachers.relative_patch import NEIGHBOURS, RelativePatch, drop_colours
 from kt_edge.teachers.rotation import Rotation, rotate_batch
-from teacher_kit import coordinate_puzzle, fixed_batch, losses_over_steps, sample_images
+from sample_kit import fixed_batch, sample_images
+from teacher_kit import coordinate_puzzle, losses_over_steps
 
 HEAD = {"tile_dim": 32, "hidden": 64}
 

@@ -12,6 +12,7 @@ from kt_edge.errors import DataError, RecipeError
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.recipe import recipe_from_dict
 from kt_edge.transfer.compress import Compress, compress_loss
+from kt_edge.engine.method import Needs
 
 
 def softmax(z):
@@ -113,8 +114,8 @@ def test_cached_option_needs_cached_features():
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
     with pytest.raises(ValueError, match="teacher_features is 'cached'"):
         Compress(tiny_backbone(), teacher, {"bank": 8, "teacher_features": "cached"}, n_images=100)
-    assert Compress.needs({"teacher_features": "cached"}) == "cached_features"
-    assert Compress.needs({"teacher_features": "live"}) is None
+    assert Compress.needs({"teacher_features": "cached"}) is Needs.FEATURES
+    assert Compress.needs({"teacher_features": "live"}) is Needs.TEACHER
 
 
 def test_recipe_validates_compress_options(tmp_path):

@@ -10,6 +10,7 @@ from kt_edge.data.sources import ArrayImages
 from kt_edge.features import embed
 from kt_edge.kmeans import fit_clusters
 from kt_edge.transfer.pseudo_labels import ClusterBalanced, ClusterTransfer
+from kt_edge.engine.method import Needs
 
 
 def test_loss_falls_on_real_images_with_teacher_pseudo_labels():
@@ -22,7 +23,7 @@ def test_loss_falls_on_real_images_with_teacher_pseudo_labels():
     assert len(np.unique(pseudo)) > 1
     torch.manual_seed(0)
     method = ClusterTransfer(tiny_backbone(), None, {}, n_images=len(x), n_classes=4)
-    assert method.classifier.out_features == 4 and ClusterTransfer.needs({}) == "pseudo_labels"
+    assert method.classifier.out_features == 4 and ClusterTransfer.needs({}) is Needs.PSEUDO_LABELS
     losses = train_steps(method, (x, torch.from_numpy(pseudo)), steps=8, lr=1e-2)
     assert losses[-1] < 0.7 * losses[0], losses
     assert method.training_step((x, torch.from_numpy(pseudo)))["accuracy"] > 0.5

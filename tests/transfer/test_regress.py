@@ -10,6 +10,7 @@ from kt_edge.features import extract
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.transfer.cached_teacher import CachedTeacher
 from kt_edge.transfer.regress import Regress, regress_loss
+from kt_edge.engine.method import Needs
 
 
 def test_regress_loss_is_two_minus_two_cosine_of_the_normalised_vectors():
@@ -50,4 +51,4 @@ def test_cached_features_are_looked_up_by_the_index_in_the_label_slot(tmp_path):
     assert torch.allclose(loss, expected, atol=1e-6)
     with pytest.raises(ValueError, match="teacher_features is 'live' but the teacher given is a CachedTeacher"):
         Regress(tiny_backbone(), teacher, {}, n_images=50)
-    assert Regress.needs({"teacher_features": "cached"}) == "cached_features" and Regress.needs({}) is None
+    assert Regress.needs({"teacher_features": "cached"}) is Needs.FEATURES and Regress.needs({}) is Needs.TEACHER

@@ -8,13 +8,14 @@ from kt_edge.models.checkpoint import read_sidecar
 from kt_edge.stages.distill import distill
 from kt_edge.stages.inputs import distill_needs, student_inputs
 from kt_edge.recipe import recipe_from_dict
+from kt_edge.engine.method import Needs
 
 ALONE = {"method": "moco", "options": {"queue": 64, "hidden": 64, "dim": 32, "momentum": 0.99}}
 
 
 def test_a_student_trains_alone_without_any_teacher(tmp_path):
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, distill=ALONE))
-    assert distill_needs(recipe) == "nothing"
+    assert distill_needs(recipe) is Needs.NOTHING
     card = read_sidecar(distill(recipe))
     assert (card["arch"], card["method"], card["teacher"], card["steps"]) == ("alexnet", "moco", None, 3)
     assert not (recipe.run_dir / "teacher").exists()

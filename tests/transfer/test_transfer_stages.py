@@ -20,6 +20,7 @@ from kt_edge.models.checkpoint import read_sidecar, save_backbone
 from kt_edge.stages.inputs import distill_needs, student_inputs, teacher_inputs
 from kt_edge.recipe import load_recipe, recipe_from_dict
 from kt_edge.kmeans import load_centroids
+from kt_edge.engine.method import Needs
 
 runner = CliRunner()
 K = 6
@@ -136,8 +137,8 @@ def test_what_distill_needs_decides_the_extra_stages(tmp_path):
     cluster = recipe_from_dict(base)
     seed = recipe_from_dict(base, ["distill.method=seed", "distill.options={queue: 32}"])
     cached = recipe_from_dict(base, ["distill.method=compress", "distill.options={teacher_features: cached}"])
-    assert (distill_needs(cluster), distill_needs(seed), distill_needs(cached)) == ("pseudo_labels", "teacher",
-                                                                                    "cached_features")
+    assert (distill_needs(cluster), distill_needs(seed), distill_needs(cached)) == (Needs.PSEUDO_LABELS, Needs.TEACHER,
+                                                                                    Needs.FEATURES)
     # the cluster section is an input of the student only when the student learns pseudo-labels
     assert student_inputs(cluster) != student_inputs(recipe_from_dict(base, ["cluster.k=7"]))
     assert student_inputs(seed) == student_inputs(recipe_from_dict(base, ["distill.method=seed",
