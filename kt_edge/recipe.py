@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,22 @@ def _first_error(exc: ValidationError, prefix: str = "") -> str:
     if err["type"] == "value_error":  # raised by our own validators: their message is already complete
         return str(err["ctx"]["error"])
     return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+PROTOCOL = re.compile(r"knn|linear|clusters|linear_(\d+(?:\.\d+)?)pct")  # eval.protocols; group 1: the label %
+
+
+def check_protocols(protocols: list[str]) -> None:
+    """Raise ValueError naming the first unknown, out-of-range or repeated protocol."""
+    for protocol in protocols:
+        match = PROTOCOL.fullmatch(protocol)
+        if match is None:
+            raise ValueError(f"unknown eval protocol {protocol!r}: use knn, linear, clusters or linear_<P>pct")
+        if match.group(1) is not None and not 0 < float(match.group(1)) <= 100:
+            raise ValueError(f"eval protocol {protocol!r}: the label percentage must be in (0, 100]")
+    repeated = sorted({p for p in protocols if protocols.count(p) > 1})
+    if repeated:
+        raise ValueError(f"eval protocol {repeated[0]!r} is listed twice")
 
 
 class Strict(BaseModel):
@@ -169,8 +186,6 @@ class EvalConfig(Strict):
     @field_validator("protocols")
     @classmethod
     def _check_protocols(cls, value: list[str]) -> list[str]:
-        from kt_edge.evaluate.protocols import check_protocols
-
         check_protocols(value)
         return value
 

@@ -14,10 +14,8 @@ Transfer runs the same protocols on a labelled dataset not used for training, pr
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from itertools import zip_longest
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,25 +27,10 @@ from kt_edge.evaluate.clusters import cluster_alignment
 from kt_edge.evaluate.knn import KnnSetting, knn_classify
 from kt_edge.evaluate.linear import WEIGHT_DECAYS, few_label_probe, linear_probe
 from kt_edge.features import embed, resolve_device
+from kt_edge.recipe import PROTOCOL, EvalConfig
 
-if TYPE_CHECKING:  # recipe validation imports this module
-    from kt_edge.recipe import EvalConfig
 
-_PROTOCOL = re.compile(r"knn|linear|clusters|linear_(\d+(?:\.\d+)?)pct")
 TRANSFER_PREFIX = "transfer_"
-
-
-def check_protocols(protocols: list[str]) -> None:
-    """Raise ValueError naming the first unknown, out-of-range or repeated protocol."""
-    for protocol in protocols:
-        match = _PROTOCOL.fullmatch(protocol)
-        if match is None:
-            raise ValueError(f"unknown eval protocol {protocol!r}: use knn, linear, clusters or linear_<P>pct")
-        if match.group(1) is not None and not 0 < float(match.group(1)) <= 100:
-            raise ValueError(f"eval protocol {protocol!r}: the label percentage must be in (0, 100]")
-    repeated = sorted({p for p in protocols if protocols.count(p) > 1})
-    if repeated:
-        raise ValueError(f"eval protocol {repeated[0]!r} is listed twice")
 
 
 @dataclass(frozen=True)
@@ -122,7 +105,7 @@ def run_protocols(
                 metrics.update(cluster_acc=aligned["accuracy"] * 100.0, cluster_nmi=aligned["nmi"],
                                cluster_ari=aligned["ari"])
             else:
-                fraction = float(_PROTOCOL.fullmatch(protocol).group(1)) / 100.0
+                fraction = float(PROTOCOL.fullmatch(protocol).group(1)) / 100.0
                 result = few_label_probe(bank_x, bank_y, test_x, test_y, fraction, seed,
                                          num_classes=num_classes, **probe)
                 metrics.update({f"{protocol}_top1": result.top1, f"{protocol}_top5": result.top5})

@@ -20,10 +20,10 @@ from kt_edge.errors import CheckpointError
 from kt_edge.models.backbones import Backbone, build_backbone
 from kt_edge.models.heads import build_head, head_spec
 from kt_edge.models.parts import join_parts
+from kt_edge.models.timm_teacher import TIMM_PREFIX, build_timm
 
 WEIGHTS = "model.safetensors"
 SIDECAR = "model.json"
-TIMM_PREFIX = "timm/"  # sidecar arch of an imported timm teacher: timm/<model name>
 PROJECTION = "projection."  # key prefix of a teacher's projection head in WEIGHTS
 
 
@@ -106,8 +106,6 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def _rebuild(card: dict) -> torch.nn.Module:
     """The untrained model a sidecar describes: a backbone at its layer, or an imported timm teacher."""
     if card["arch"].startswith(TIMM_PREFIX):
-        from kt_edge.models.importers import build_timm  # timm is optional, and importers uses this module
-
         return build_timm(card["arch"].removeprefix(TIMM_PREFIX), card["image_size"])
     return build_backbone(card["arch"], card["image_size"], card.get("layer"))
 

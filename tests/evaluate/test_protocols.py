@@ -10,7 +10,6 @@ from PIL import Image
 from kt_edge.errors import DataError, RecipeError
 from kt_edge.evaluate.clusters import cluster_alignment
 from kt_edge.evaluate.protocols import (
-    check_protocols,
     evaluate_model,
     evaluate_model_detailed,
     evaluate_transfer,
@@ -18,7 +17,7 @@ from kt_edge.evaluate.protocols import (
     transfer_splits,
 )
 from kt_edge.models.backbones import build_backbone
-from kt_edge.recipe import DataSource, EvalConfig, load_recipe, recipe_from_dict
+from kt_edge.recipe import DataSource, EvalConfig, check_protocols, load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
