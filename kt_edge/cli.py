@@ -131,7 +131,8 @@ def distill_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = Fals
 @app.command("eval")
 @_friendly
 def eval_cmd(recipe: RecipeArg, set_: SetOpt = None):
-    """Score teacher, student and a random-init student by weighted k-NN on data.test."""
+    """Score teacher, student and a random-init student on data.test with every eval.protocols entry: weighted
+    k-NN (each eval.knn setting), linear probe, few-label probes, cluster alignment, and eval.transfer."""
     from kt_edge.stages.evaluate import evaluate
 
     evaluate(_recipe(recipe, set_))

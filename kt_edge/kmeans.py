@@ -21,7 +21,6 @@ with torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -34,7 +33,6 @@ import torch
 
 from kt_edge.atomic import atomic_path, write_json
 from kt_edge.engine import distributed
-from kt_edge.errors import DataError
 from kt_edge.features import FeatureStore
 
 Source = np.ndarray | FeatureStore
@@ -439,24 +437,3 @@ def save_centroids(path: str | os.PathLike, model: ClusterModel) -> Path:
     }
     write_json(_sidecar(path), doc)
     return path
-
-
-def load_centroids(path: str | os.PathLike) -> ClusterModel:
-    """Read what `save_centroids` wrote, checking shapes against the sidecar."""
-    path = Path(path).with_suffix(".npy")
-    side = _sidecar(path)
-    if not side.exists():
-        raise DataError(f"no centroid sidecar {side}: centroids missing or not completely saved")
-    doc = json.loads(side.read_text())
-    if doc.get("format") != CENTROIDS_FORMAT or doc.get("version") != CENTROIDS_VERSION:
-        raise DataError(f"{side} is not a {CENTROIDS_FORMAT} v{CENTROIDS_VERSION} file")
-    centroids = np.load(path.with_name(doc["centroids"]))
-    if centroids.shape != (doc["k"], doc["dim"]):
-        raise DataError(f"{path} has shape {centroids.shape}, sidecar says ({doc['k']}, {doc['dim']})")
-    pca = None
-    if doc["preprocess"]["pca"] is not None:
-        p = doc["preprocess"]["pca"]
-        pca = PCAWhitening(np.load(path.with_name(p["A"])), np.load(path.with_name(p["b"])), p["eigen_power"])
-        if (pca.d_out, pca.d_in) != (p["d_out"], p["d_in"]):
-            raise DataError(f"PCA matrix of {path} does not match its sidecar")
-    return ClusterModel(centroids, Preprocessing(pca, doc["preprocess"]["l2_normalize"]), doc["meta"])

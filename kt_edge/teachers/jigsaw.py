@@ -103,10 +103,10 @@ class Jigsaw(nn.Module):
         return JigsawView(self.perms.cpu().numpy(), self.tile, side, jitter, self.opts)
 
     def training_step(self, batch):
-        (tiles, labels, donors), _ = batch
+        (tiles, labels, donors), _ = batch  # tiles: B x 9 x C x t x t, labels: B, donors: B x 9
         if self.opts.replace:
             tiles = swap_in_donors(tiles, donors)
-        logits = self.head(embed_tiles(self.backbone, tiles)).float()
+        logits = self.head(embed_tiles(self.backbone, tiles)).float()  # B x permutations
         return {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(1) == labels).float().mean()}
 
     def after_step(self, step: int, total: int) -> None:

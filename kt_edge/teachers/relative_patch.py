@@ -77,8 +77,8 @@ class RelativePatch(nn.Module):
         return PatchPairView(self.tile, side, jitter, self.opts.color_drop)
 
     def training_step(self, batch):
-        (patches, labels), _ = batch
-        logits = self.head(embed_tiles(self.backbone, patches)).float()
+        (patches, labels), _ = batch  # patches: B x 2 x C x t x t (centre, neighbour), labels: B
+        logits = self.head(embed_tiles(self.backbone, patches)).float()  # B x 8
         return {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(1) == labels).float().mean()}
 
     def after_step(self, step: int, total: int) -> None:

@@ -55,9 +55,9 @@ class Rotation(nn.Module):
         ])
 
     def training_step(self, batch):
-        images, _ = batch
-        rotated, labels = rotate_batch(images)
-        logits = self.head(self.backbone(rotated)).float()
+        images, _ = batch  # B x 3 x S x S
+        rotated, labels = rotate_batch(images)  # 4B x 3 x S x S, 4B
+        logits = self.head(self.backbone(rotated)).float()  # 4B x 4
         return {"loss": F.cross_entropy(logits, labels), "accuracy": (logits.argmax(1) == labels).float().mean()}
 
     def after_step(self, step: int, total: int) -> None:

@@ -56,8 +56,8 @@ class ClusterTransfer(nn.Module):
         return crop_flip(image_size, scale=(0.2, 1.0))
 
     def training_step(self, batch):
-        images, labels = batch
-        logits = self.classifier(self.backbone(images)).float()
+        images, labels = batch  # B x 3 x S x S, pseudo-labels B
+        logits = self.classifier(self.backbone(images)).float()  # B x clusters
         loss = F.cross_entropy(logits, labels)
         return {"loss": loss, "accuracy": (logits.argmax(1) == labels).float().mean()}
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import TensorDataset
+from transfer_kit import read_centroids
 
-from kt_edge.errors import DataError
 from kt_edge.evaluate.clusters import cluster_report
 from kt_edge.features import extract
 from kt_edge.kmeans import (
@@ -20,7 +20,6 @@ from kt_edge.kmeans import (
     fit_clusters,
     fit_kmeans,
     l2_normalize,
-    load_centroids,
     sample_rows,
     save_centroids,
 )
@@ -143,7 +142,7 @@ def test_saved_centroids_assign_a_second_dataset_with_same_preprocessing(tmp_pat
     doc = json.loads(path.with_suffix(".json").read_text())
     assert doc["k"] == 6 and doc["dim"] == 12
     assert doc["preprocess"]["pca"]["d_in"] == 24 and doc["preprocess"]["l2_normalize"] is True
-    loaded = load_centroids(path)
+    loaded = read_centroids(path)
     np.testing.assert_array_equal(loaded.centroids, model.centroids)
     np.testing.assert_array_equal(loaded.preprocess.pca.A, model.preprocess.pca.A)
 
@@ -162,13 +161,21 @@ def test_saved_centroids_assign_a_second_dataset_with_same_preprocessing(tmp_pat
         assign(other, loaded.centroids)
 
 
-def test_load_centroids_refuses_incomplete_save(tmp_path):
+def test_the_sidecar_is_written_last_and_an_old_one_is_gone_before_a_rewrite(tmp_path, monkeypatch):
+    """The sidecar marks the saved centroids complete: a save cut short leaves none (not the previous one)."""
+    import kt_edge.kmeans as kmeans
+
     model = ClusterModel(np.eye(3, dtype=np.float32), Preprocessing(normalize=False))
     path = save_centroids(tmp_path / "c.npy", model)
-    assert load_centroids(path).preprocess.pca is None
-    path.with_suffix(".json").unlink()
-    with pytest.raises(DataError, match="sidecar"):
-        load_centroids(path)
+    assert read_centroids(path).preprocess.pca is None
+
+    def cut_short(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(kmeans, "write_json", cut_short)
+    with pytest.raises(OSError):
+        save_centroids(tmp_path / "c.npy", model)
+    assert not path.with_suffix(".json").exists()
 
 
 def test_cluster_report_sizes_and_label_metrics():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from sample_kit import SAMPLE, tiny_recipe_dict
+from transfer_kit import read_centroids
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
@@ -19,7 +20,6 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import read_sidecar, save_backbone
 from kt_edge.stages.inputs import distill_needs, student_inputs, teacher_inputs
 from kt_edge.recipe import load_recipe, recipe_from_dict
-from kt_edge.kmeans import load_centroids
 from kt_edge.engine.method import Needs
 
 runner = CliRunner()
@@ -66,7 +66,7 @@ def test_features_and_cluster_write_their_artifacts(run):
     assert (train.n, train.dim, test.n, test.dim) == (96, 256, 40, 256)
     assert train.fingerprint != test.fingerprint
     assert set(np.unique(train.labels)) <= set(range(10)) and train.labels.min() >= 0  # true labels kept
-    centroids = load_centroids(run_dir / "clusters" / "centroids.npy")
+    centroids = read_centroids(run_dir / "clusters" / "centroids.npy")
     assert centroids.centroids.shape == (K, 256) and centroids.meta["features_fingerprint"] == train.fingerprint
     report = json.loads((run_dir / "clusters" / "report.json").read_text())
     assert report["k"] == K and report["pseudo_labels_of"] == "cluster.assign_to"
@@ -84,7 +84,7 @@ def test_pseudo_labels_of_the_second_dataset_are_its_nearest_centroids(run):
     assert pseudo.dtype == np.int64 and pseudo.shape == (48,) and 0 <= pseudo.min() and pseudo.max() < K
     other = FeatureStore.open(run_dir / "features" / "assign_to")
     assert other.n == 48
-    centroids = load_centroids(run_dir / "clusters" / "centroids.npy")
+    centroids = read_centroids(run_dir / "clusters" / "centroids.npy")
     x = centroids.preprocess(other.to_array())
     nearest = ((x[:, None, :] - centroids.centroids[None]) ** 2).sum(-1).argmin(1)
     assert (nearest == pseudo).mean() >= 0.95  # faiss and numpy may split a near-tie differently

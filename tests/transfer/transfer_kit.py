@@ -1,15 +1,19 @@
-"""Helpers of the transfer tests: a tiny conv backbone, a fixed batch of real sample images, a step loop."""
+"""Helpers of the transfer tests: a tiny conv backbone, a fixed batch of real sample images, a step loop, and a
+reader of saved centroids."""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from kt_edge.data.augment import eval_transform
 from kt_edge.data.sources import open_images
+from kt_edge.kmeans import ClusterModel, PCAWhitening, Preprocessing
 from kt_edge.models.backbones import Backbone
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "cifar10"
@@ -44,3 +48,15 @@ def train_steps(method: nn.Module, batch, steps: int, lr: float = 3e-3) -> list[
             method.after_step(step, steps)
         losses.append(loss.item())
     return losses
+
+
+def read_centroids(path: Path) -> ClusterModel:
+    """What ``save_centroids`` wrote, read as its sidecar describes it: centroids, PCA matrix, normalisation."""
+    doc = json.loads(path.with_suffix(".json").read_text())
+    centroids = np.load(path.with_name(doc["centroids"]))
+    assert doc["format"] == "kt-edge-centroids" and centroids.shape == (doc["k"], doc["dim"])
+    spec, pca = doc["preprocess"], None
+    if spec["pca"] is not None:
+        pca = PCAWhitening(np.load(path.with_name(spec["pca"]["A"])), np.load(path.with_name(spec["pca"]["b"])),
+                           spec["pca"]["eigen_power"])
+    return ClusterModel(centroids, Preprocessing(pca, spec["l2_normalize"]), doc["meta"])
