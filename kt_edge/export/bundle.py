@@ -132,8 +132,10 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
                                      sha256=hashlib.sha256(calib_x.tobytes()).hexdigest())
         quantization["int8"] = record
 
-    backends = {p: OrtBackend(f, exact_int8=quantization.get(p, {}).get("weight_bits", 8) > 7)
-                for p, f in files.items()}
+    entries = {p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+                             quantization=quantization.get(p)) for p, f in files.items()}
+    # checked on the kernels the device's ONNX Runtime picks for the file: fused, exact mode for full-range int8
+    backends = {p: OrtBackend(f, exact_int8=entries[p].full_range_int8) for p, f in files.items()}
     thresholds = _thresholds(cfg)
     results, failures = {}, []
     for precision, backend in backends.items():
@@ -166,8 +168,7 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
         input=InputSpec(shape=(3, size, size), resize=card["resize"], crop=card["crop"],
                         mean=tuple(card["mean"]), std=tuple(card["std"])),
         output=OutputSpec(name=OUTPUT_NAME, dim=card["embed_dim"], normalized=False),
-        models={p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-                              quantization=quantization.get(p)) for p, f in files.items()},
+        models=entries,
         golden=Golden(inputs="golden/inputs.npy", outputs="golden/outputs.npy"),
         parity=Parity(thresholds={p: thresholds[p] for p in files}, results=results),
         provenance=provenance,

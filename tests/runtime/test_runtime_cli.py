@@ -116,6 +116,10 @@ def test_bench_writes_json(torchless, bundle, tmp_path):
     for r in data["results"]:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0
     assert "p50 ms" in proc.stdout
+    # which kernels ran, from ONNX Runtime's profiler: the full-range int8 model on the exact u8u8 mode
+    kernels = data["kernels"]
+    assert kernels["ops"]["QLinearConv"] >= 1 and kernels["x64quantprecision"] is True
+    assert kernels["int8"].startswith("fused int8 kernels") and f"kernels: {kernels['int8']}" in proc.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
