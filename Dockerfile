@@ -9,21 +9,25 @@
 #   docker build --target runtime --platform linux/arm64 -t kt-edge-runtime .
 #
 # Base images are build arguments: --build-arg BASE_IMAGE=... (host) and
-# --build-arg RUNTIME_BASE_IMAGE=... (runtime; match the device's JetPack release,
-# JetPack 6 or newer for Python >= 3.10).
+# --build-arg RUNTIME_BASE_IMAGE=... with JETPACK=5 or 6 to match the device's JetPack release:
+#   JetPack 6 (default): RUNTIME_BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0, Python 3.10, CUDA 12
+#   JetPack 5:           RUNTIME_BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r35.4.1 JETPACK=5, Python 3.8, CUDA 11.4
 
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:24.08-py3
 ARG RUNTIME_BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36.4.0
 
 FROM ${RUNTIME_BASE_IMAGE} AS runtime
+ARG JETPACK=6
 ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-pip python3-libnvinfer \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/kt-edge
 COPY export/ export/
-# TensorRT comes from JetPack (python3-libnvinfer), so only cuda-python is added from PyPI.
-RUN python3 -m pip install ./export "cuda-python>=12,<13"
+# TensorRT comes from JetPack (python3-libnvinfer); the extra adds the cuda-python that matches its CUDA.
+# Ubuntu 20.04's pip (JetPack 5) predates some wheel tags: upgrade it first.
+RUN python3 -m pip install --upgrade pip \
+    && python3 -m pip install "./export[jetpack${JETPACK}]"
 ENTRYPOINT ["kt-edge-runtime"]
 
 FROM ${BASE_IMAGE} AS host

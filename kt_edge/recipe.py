@@ -211,11 +211,25 @@ class ClusterConfig(Strict):
     assign_to: DataSource | None = None  # label this dataset instead of data.train (cluster transfer trains on it)
 
 
+class Int8Config(Strict):
+    """How the int8 model is quantized; all of it is recorded in the bundle's manifest."""
+
+    target: Literal["tensorrt", "onnxruntime"] = Field(
+        default="tensorrt", description="tensorrt: symmetric int8, Q/DQ where TensorRT wants it; onnxruntime: "
+        "uint8 activations and 7-bit weights, exact and fast on ONNX Runtime's CPU kernels")
+    keep_float: list[str] = Field(default_factory=list, description="op types (HardSwish) or node-name globs "
+                                  "(/features/*/block.2/*) that stay float")
+    quantize_output: bool = Field(default=False, description="also quantize the output embedding")
+
+
 class ExportConfig(Strict):
     opset: int = Field(default=17, ge=13, le=21)
     golden: int = Field(default=16, ge=1, description="real images whose fp32 outputs ship in the bundle")
     precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32"])
     calibration: int = Field(default=512, ge=1, description="images for int8 calibration")
+    int8: Int8Config = Field(default_factory=Int8Config)
+    sign_key: Path | None = Field(default=None, description="Ed25519 private key (unencrypted PEM) that signs the "
+                                  "bundle's manifest")
     rtol: float = Field(default=1e-3, gt=0)
     atol: float = Field(default=1e-5, gt=0)
     min_cosine_fp32: float = Field(default=0.99999, gt=0, le=1)

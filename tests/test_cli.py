@@ -54,6 +54,10 @@ def test_bundle_is_verified_and_hash_checked(trained_run):
     assert fp32["passed"] and fp32["golden"]["min_cosine"] >= 0.99999
     assert abs(fp32["accuracy"]["drop"]) <= 1.0
     assert manifest.input.shape == (3, 32, 32) and manifest.output.dim == 256
+    # parity over the whole labelled test split, its cosine distribution recorded
+    cosine = fp32["split"]["cosine"]
+    assert fp32["split"]["passed"] and cosine["images"] == fp32["split"]["samples"] == 128  # the whole subset
+    assert 0.99999 <= cosine["min"] <= cosine["p1"] <= cosine["median"] <= 1.0
 
 
 def test_finished_stages_are_not_redone(trained_run):
@@ -100,6 +104,33 @@ def test_export_fails_for_a_perturbed_model(trained_run, monkeypatch):
     assert result.exit_code == 1
     assert "model.fp32.onnx" in result.output and "worst sample" in result.output
     assert not load_bundle(run_dir / "bundle").verified
+
+
+def test_signed_int8_export_for_onnxruntime_records_how_it_was_quantized(trained_run, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    recipe, run_dir, _ = trained_run
+    key = ed25519.Ed25519PrivateKey.generate()
+    private, public = tmp_path / "edge.pem", tmp_path / "edge.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    result = invoke("export", recipe, "-s", "export.precisions=[fp32, int8]", "-s", "export.int8.target=onnxruntime",
+                    "-s", "export.int8.keep_float=[GlobalAveragePool]", "-s", f"export.sign_key={private}")
+    assert result.exit_code == 0, result.output
+    bundle_dir = run_dir / "bundle"
+    manifest = load_bundle(bundle_dir, public)  # signed by our key
+    quantization = manifest.models["int8"].quantization
+    assert quantization["target"] == "onnxruntime" and quantization["weight_bits"] == 7
+    assert quantization["keep_float"] == ["GlobalAveragePool"] and len(quantization["float_nodes"]) == 1
+    assert quantization["calibration"]["images"] > 0 and len(quantization["calibration"]["sha256"]) == 64
+    assert not list(bundle_dir.glob("calibration*")) and "calibration.npy" not in manifest.files
+    int8 = manifest.parity.results["int8"]
+    assert int8["passed"] and int8["split"]["cosine"]["min"] >= 0.98
+    result = invoke("export", recipe, "-s", "export.precisions=[fp32, int8]", "-s", "export.sign_key=missing.pem")
+    assert result.exit_code != 0 and "export.sign_key: cannot read key missing.pem" in result.output
 
 
 def test_stage_out_of_order_is_a_clear_error(tmp_path, tiny_recipe):

@@ -1,8 +1,9 @@
 """The bundle manifest: a versioned schema, validated on read, with file hashes.
 
-A bundle is a directory holding `manifest.json`, the model files, golden
-vectors and optional calibration data. `load_bundle` refuses a bundle whose
-manifest or any listed file changed after `write_manifest` wrote it.
+A bundle is a directory holding `manifest.json`, the model files and golden
+vectors, and `manifest.json.sig` when signed. `load_bundle` refuses a bundle whose
+manifest or any listed file changed after `write_manifest` wrote it and, given a
+public key, one whose manifest that key did not sign.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from .atomic import write_bytes
 from .parity import PRECISIONS, Thresholds
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -204,6 +205,19 @@ class ModelEntry:
     file: str
     input_name: str
     output_name: str
+    quantization: dict | None = None
+
+    @property
+    def int8_target(self) -> str | None:
+        """The backend an int8 model was quantized for (tensorrt when unrecorded), None for float models."""
+        if self.quantization is None:
+            return None
+        return str(self.quantization.get("target", "tensorrt"))
+
+    @property
+    def full_range_int8(self) -> bool:
+        """True when int8 weights may exceed +-64, which x86 u8s8 kernels only run exactly in u8u8 mode."""
+        return self.quantization is not None and self.quantization.get("weight_bits", 8) > 7
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> ModelEntry:
@@ -212,12 +226,16 @@ class ModelEntry:
             file=_relpath(_pop(d, "file", where, str), f"{where}.file"),
             input_name=_pop(d, "input_name", where, str),
             output_name=_pop(d, "output_name", where, str),
+            quantization=_pop(d, "quantization", where, (dict, type(None)), None),
         )
         _no_extra(d, where)
         return entry
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "input_name": self.input_name, "output_name": self.output_name}
+        data: dict[str, Any] = {"file": self.file, "input_name": self.input_name, "output_name": self.output_name}
+        if self.quantization is not None:
+            data["quantization"] = self.quantization
+        return data
 
 
 @dataclass(frozen=True)
@@ -293,7 +311,6 @@ class Manifest:
     models: dict[str, ModelEntry]
     golden: Golden
     files: dict[str, FileEntry] = field(default_factory=dict)
-    calibration: str | None = None
     parity: Parity = field(default_factory=Parity)
     provenance: dict[str, Any] = field(default_factory=dict)
     verified: bool = False
@@ -312,8 +329,6 @@ class Manifest:
         """Every bundle-relative path the manifest points at, in a stable order."""
         paths = [m.file for _, m in sorted(self.models.items())]
         paths += [self.golden.inputs, self.golden.outputs, *(self.golden.images or ())]
-        if self.calibration is not None:
-            paths.append(self.calibration)
         return list(dict.fromkeys(paths))
 
     @classmethod
@@ -326,8 +341,11 @@ class Manifest:
                 f"manifest schema_version {version} is newer than this runtime supports "
                 f"({SCHEMA_VERSION}); upgrade kt-edge-runtime"
             )
-        if version < 1:
-            raise _fail("schema_version", f"must be >= 1, got {version}")
+        if version < SCHEMA_VERSION:
+            raise BundleError(
+                f"manifest schema_version {version} is older than this runtime supports ({SCHEMA_VERSION}): "
+                "export the bundle again with this kt-edge"
+            )
         models_raw = _take(_pop(d, "models", "", dict), "models")
         if not models_raw:
             raise _fail("models", "needs at least one model")
@@ -338,7 +356,6 @@ class Manifest:
             models[precision] = ModelEntry.from_dict(value, f"models.{precision}")
         files_raw = _take(_pop(d, "files", "", dict, {}), "files")
         files = {_relpath(p, f"files.{p}"): FileEntry.from_dict(v, f"files.{p}") for p, v in files_raw.items()}
-        calibration = _pop(d, "calibration", "", (str, type(None)), None)
         manifest = cls(
             architecture=_pop(d, "architecture", "", str),
             input=InputSpec.from_dict(_pop(d, "input", "", dict)),
@@ -346,7 +363,6 @@ class Manifest:
             models=models,
             golden=Golden.from_dict(_pop(d, "golden", "", dict)),
             files=files,
-            calibration=None if calibration is None else _relpath(calibration, "calibration"),
             parity=Parity.from_dict(_pop(d, "parity", "", dict, {})),
             provenance=_pop(d, "provenance", "", dict, {}),
             verified=_pop(d, "verified", "", bool, False),
@@ -374,8 +390,6 @@ class Manifest:
             "created": self.created,
             "kt_edge_version": self.kt_edge_version,
         }
-        if self.calibration is not None:
-            data["calibration"] = self.calibration
         return data
 
 
@@ -409,14 +423,25 @@ def write_manifest(
     return manifest
 
 
-def load_bundle(bundle_dir: str | os.PathLike) -> Manifest:
-    """Read, validate and integrity-check a bundle; a BundleError names what is wrong."""
+def load_bundle(bundle_dir: str | os.PathLike, public_key: str | os.PathLike | None = None) -> Manifest:
+    """Read, validate and integrity-check a bundle; a BundleError names what is wrong.
+
+    Given a public key, the manifest must carry a valid Ed25519 signature by it (checked first).
+    """
     root = Path(bundle_dir)
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{path} not found: not a bundle directory")
+    raw = path.read_bytes()
+    if public_key is not None:
+        from .signing import SignatureError, check_signature
+
+        try:
+            check_signature(root, raw, public_key)
+        except SignatureError as exc:
+            raise BundleError(str(exc)) from None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -437,6 +462,22 @@ def load_bundle(bundle_dir: str | os.PathLike) -> Manifest:
         if sha256_file(full) != entry.sha256:
             raise BundleError(f"bundle file {rel} does not match its sha256 in {MANIFEST_NAME}: file was modified")
     return manifest
+
+
+def check_verified(manifest: Manifest, allow_unverified: bool = False) -> None:
+    """Refuse a bundle whose export parity failed, naming the failed checks, unless explicitly allowed."""
+    if manifest.verified or allow_unverified:
+        return
+    failed = []
+    for precision, result in sorted(manifest.parity.results.items()):
+        for check, report in sorted(result.items()):
+            if isinstance(report, dict) and report.get("passed") is False:
+                why = report.get("failures") or []
+                failed.append(f"{precision} {check}" + (f" ({'; '.join(map(str, why))})" if why else ""))
+    raise BundleError(
+        f"bundle is not verified: export parity failed ({', '.join(failed) or 'no passing results recorded'}); "
+        "pass --allow-unverified to use it anyway"
+    )
 
 
 def read_golden(bundle_dir: str | os.PathLike, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:

@@ -82,6 +82,8 @@ class ParityReport:
     max_rel_err: float
     min_cosine: float
     mean_cosine: float
+    p1_cosine: float
+    median_cosine: float
     worst_sample: int
     worst_abs_err: float
     worst_cosine: float
@@ -94,7 +96,8 @@ class ParityReport:
         return (
             f"{self.precision} {verdict}{why}: {self.samples} samples, "
             f"max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g}, "
-            f"min cosine {self.min_cosine:.6f}; worst sample {self.worst_sample} "
+            f"min cosine {self.min_cosine:.6f}, 1st percentile {self.p1_cosine:.6f}, median "
+            f"{self.median_cosine:.6f}; worst sample {self.worst_sample} "
             f"(max abs err {self.worst_abs_err:.3g}, cosine {self.worst_cosine:.6f})"
         )
 
@@ -190,6 +193,8 @@ def golden_parity(
         max_rel_err=float(rel_err.max()),
         min_cosine=min_cos,
         mean_cosine=float(cos.mean()),
+        p1_cosine=float(np.percentile(cos, 1)),
+        median_cosine=float(np.median(cos)),
         worst_sample=worst,
         worst_abs_err=float(abs_err[worst].max()),
         worst_cosine=float(cos[worst]),

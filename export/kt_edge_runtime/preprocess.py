@@ -9,39 +9,49 @@ like torchvision's.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .bundle import InputSpec
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB (grayscale, palette, alpha, CMYK, 16-bit grayscale)."""
-    if image.mode == "RGB":
-        return image
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow image -> upright 8-bit RGB: the one decoding rule of training (host) and device alike.
+
+    EXIF orientation applied; 16-bit samples scaled by their format's peak (65535, or 255 when every
+    value fits in 8 bits: 8-bit data stored in a 16-bit file); transparency composited onto white;
+    grayscale, palette and CMYK converted by Pillow.
+    """
+    image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT_MODES:
-        # 16-bit samples scaled to 8 bits; convert("L") would clip everything above 255.
         wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+        peak = 65535.0 if wide.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.rint(wide * (255.0 / peak)), 0, 255).astype(np.uint8), mode="L")
     elif image.mode == "F":
         raise ValueError("floating-point images are not supported: their value range is unknown")
-    # Alpha is dropped (not composited), as torchvision's default loader does,
-    # so the device sees what the model saw in training.
-    return image.convert("RGB")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image file and return it as 8-bit RGB."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return _to_rgb(image)
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"cannot read image {path}: {exc}") from None
+    """Decode an image file with to_rgb. Pillow's own errors pass through (the host reports their type); an
+    image over ``Image.MAX_IMAGE_PIXELS`` is refused, not only warned about as Pillow does below twice that."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombWarning as exc:
+            raise Image.DecompressionBombError(str(exc)) from None
+    with opened as image:
+        image.load()
+        return to_rgb(image)
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:
@@ -66,16 +76,20 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
 
 
 def preprocess_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """An RGB PIL image -> float32 [3, crop, crop], normalised."""
-    image = center_crop(resize_shorter(_to_rgb(image), spec.resize), spec.crop)
+    """A PIL image -> float32 [3, crop, crop], normalised."""
+    image = center_crop(resize_shorter(to_rgb(image), spec.resize), spec.crop)
     x = np.asarray(image, dtype=np.float32) / 255.0
     x = (x - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def preprocess_file(path: str | os.PathLike, spec: InputSpec) -> np.ndarray:
-    """An image file -> float32 [3, crop, crop]."""
-    return preprocess_image(load_rgb(path), spec)
+    """An image file -> float32 [3, crop, crop]; an unreadable file is a ValueError naming it."""
+    try:
+        image = load_rgb(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    return preprocess_image(image, spec)
 
 
 def preprocess_batch(paths: Iterable[str | os.PathLike], spec: InputSpec) -> np.ndarray:

@@ -16,6 +16,7 @@ def verify_bundle(
     precision: str | None = None,
     providers: Sequence[str] | None = None,
     manifest: Manifest | None = None,
+    dla_core: int | None = None,
 ) -> list[ParityReport]:
     """Golden parity of one precision (or every precision in the bundle) against the PyTorch fp32 outputs.
 
@@ -28,7 +29,7 @@ def verify_bundle(
     precisions = [precision] if precision else [p for p in PRECISIONS if p in manifest.models]
     reports = []
     for p in precisions:
-        runner = open_backend(bundle_dir, manifest, p, backend, providers)
+        runner = open_backend(bundle_dir, manifest, p, backend, providers, dla_core)
         candidate = run_batched(runner, inputs)
         thresholds = manifest.parity.thresholds.get(p, DEFAULT_THRESHOLDS[p])
         reports.append(golden_parity(reference, candidate, p, thresholds))

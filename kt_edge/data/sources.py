@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from kt_edge_runtime.preprocess import load_rgb  # the device's decoding: host and device see the same pixels
 from PIL import Image
 
 from kt_edge.errors import DataError
@@ -83,30 +84,6 @@ class ArrayImages(Images):
 
     def image(self, index: int) -> Image.Image:
         return Image.fromarray(self.array[index])
-
-
-def load_rgb(path: Path) -> Image.Image:
-    """Decode any PIL-readable file to 8-bit RGB (grayscale, palette, alpha, CMYK and 16-bit included).
-
-    An image over ``PIL.Image.MAX_IMAGE_PIXELS`` is refused (PIL itself only warns below twice that).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            opened = Image.open(path)
-        except Image.DecompressionBombWarning as exc:
-            raise Image.DecompressionBombError(str(exc)) from None
-    with opened as image:
-        image.load()
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float64)
-            peak = 65535.0 if array.max() > 255 else 255.0
-            image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8))
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        return image.convert("RGB")
 
 
 @dataclass

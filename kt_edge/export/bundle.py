@@ -1,13 +1,16 @@
 """Assemble a device bundle and prove it matches PyTorch before calling it verified.
 
 For each precision: golden parity (the bundle's golden inputs through ONNX Runtime against the
-PyTorch fp32 outputs) and accuracy parity (k-NN top-1 of the exported model against PyTorch's
-on the labelled split). The checks are ``kt_edge_runtime``'s own, so the device runs the same.
+PyTorch fp32 outputs), split parity (the same thresholds over every image of the labelled test
+split, whose cosine distribution the manifest records) and accuracy parity (k-NN top-1 of the
+exported model against PyTorch's). The checks are ``kt_edge_runtime``'s own, so the device runs
+the same. Calibration images stay on the host: the manifest records how many and their digest.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from kt_edge_runtime.backends.onnxruntime import OrtBackend
 from kt_edge_runtime.bundle import (MANIFEST_NAME, Golden, InputSpec, Manifest, ModelEntry, OutputSpec, Parity,
                                     write_manifest)
 from kt_edge_runtime.parity import Thresholds, accuracy_parity, golden_parity, knn_top1
+from kt_edge_runtime.signing import SIGNATURE_NAME, SignatureError, load_private_key, sign_manifest
 from rich.progress import Progress
 
 from kt_edge import atomic
@@ -72,6 +76,12 @@ def _version() -> str:
         return "unknown"
 
 
+def _cosines(report) -> dict:
+    """The per-image cosine distribution a split-parity report summarises, for the manifest."""
+    return {"images": report.samples, "min": report.min_cosine, "p1": report.p1_cosine,
+            "median": report.median_cosine}
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic.atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
@@ -81,9 +91,14 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
                  provenance: dict) -> dict:
     """Write the bundle, check every precision, and raise ParityError naming the worst sample on failure."""
     bundle_dir = Path(bundle_dir)
+    try:
+        signer = load_private_key(cfg.sign_key) if cfg.sign_key is not None else None
+    except SignatureError as exc:
+        raise KtEdgeError(f"export.sign_key: {exc}") from None
     (bundle_dir / "golden").mkdir(parents=True, exist_ok=True)
-    # The manifest marks a bundle complete: drop the old one before any file it vouches for changes.
+    # The manifest marks a bundle complete: drop the old one (and its signature) before any file it vouches for changes.
     (bundle_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    (bundle_dir / SIGNATURE_NAME).unlink(missing_ok=True)
     model, card = load_backbone(student_dir)
     model = model.cpu().eval()
     size = card["image_size"]
@@ -96,7 +111,7 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
 
     files = {"fp32": bundle_dir / "model.fp32.onnx"}
     export_fp32(model, files["fp32"], size, cfg.opset)
-    calibration = None
+    quantization = {}
     if "fp16" in cfg.precisions:
         from kt_edge.export.quantize import to_fp16
 
@@ -105,20 +120,29 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
     if "int8" in cfg.precisions:
         from kt_edge.export.quantize import to_int8
 
-        calib_x, _ = _stack(train_set, _pick(len(train_set), cfg.calibration, seed + 1))
-        calibration = "calibration.npy"
-        _save_npy(bundle_dir / calibration, calib_x.astype(np.float32))
+        picked = _pick(len(train_set), cfg.calibration, seed + 1)
+        calib_x = _stack(train_set, picked)[0].astype(np.float32)
         files["int8"] = bundle_dir / "model.int8.onnx"
-        to_int8(files["fp32"], files["int8"], calib_x)
+        try:
+            record = to_int8(files["fp32"], files["int8"], calib_x, cfg.int8.target, cfg.int8.keep_float,
+                             cfg.int8.quantize_output)
+        except ValueError as exc:
+            raise KtEdgeError(f"export.int8: {exc}") from None
+        record["calibration"].update(split=train_set.name, seed=seed + 1,
+                                     sha256=hashlib.sha256(calib_x.tobytes()).hexdigest())
+        quantization["int8"] = record
 
-    backends = {p: OrtBackend(f) for p, f in files.items()}
+    entries = {p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+                             quantization=quantization.get(p)) for p, f in files.items()}
+    # checked on the kernels the device's ONNX Runtime picks for the file: fused, exact mode for full-range int8
+    backends = {p: OrtBackend(f, exact_int8=entries[p].full_range_int8) for p, f in files.items()}
     thresholds = _thresholds(cfg)
     results, failures = {}, []
     for precision, backend in backends.items():
         report = golden_parity(golden_y, backend.run(golden_x), precision, thresholds[precision])
         results[precision] = {"golden": report.to_dict()}
         if not report.passed:
-            failures.append(f"{files[precision].name}: {report.summary()}")
+            failures.append(f"{files[precision].name} golden: {report.summary()}")
 
     def torch_run(batch):
         with torch.no_grad():
@@ -128,10 +152,14 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
     bank, test = _features(train_set, runners), _features(test_set, runners)
     reference = knn_top1(*bank["pytorch"], *test["pytorch"], k=KNN_K, t=KNN_T)
     for precision in backends:
+        split = golden_parity(test["pytorch"][0], test[precision][0], precision, thresholds[precision])
+        results[precision]["split"] = {**split.to_dict(), "split": test_set.name, "cosine": _cosines(split)}
+        if not split.passed:
+            failures.append(f"{files[precision].name} on {test_set.name}: {split.summary()}")
         acc = accuracy_parity(reference, knn_top1(*bank[precision], *test[precision], k=KNN_K, t=KNN_T),
                               thresholds[precision].max_top1_drop)
         results[precision]["accuracy"] = {**acc.to_dict(), "k": KNN_K, "t": KNN_T, "split": test_set.name}
-        results[precision]["passed"] = results[precision]["golden"]["passed"] and acc.passed
+        results[precision]["passed"] = results[precision]["golden"]["passed"] and split.passed and acc.passed
         if not acc.passed:
             failures.append(f"{files[precision].name}: {acc.summary()}")
 
@@ -140,9 +168,8 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
         input=InputSpec(shape=(3, size, size), resize=card["resize"], crop=card["crop"],
                         mean=tuple(card["mean"]), std=tuple(card["std"])),
         output=OutputSpec(name=OUTPUT_NAME, dim=card["embed_dim"], normalized=False),
-        models={p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME) for p, f in files.items()},
+        models=entries,
         golden=Golden(inputs="golden/inputs.npy", outputs="golden/outputs.npy"),
-        calibration=calibration,
         parity=Parity(thresholds={p: thresholds[p] for p in files}, results=results),
         provenance=provenance,
         verified=not failures,
@@ -150,6 +177,8 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
         kt_edge_version=_version(),
     )
     write_manifest(bundle_dir, manifest)
+    if signer is not None:
+        sign_manifest(bundle_dir, signer)
     if failures:
         raise ParityError(f"export parity failed, bundle {bundle_dir} not verified: " + " | ".join(failures))
     return {"bundle": str(bundle_dir), "results": results}

@@ -50,10 +50,11 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
         table.add_row(metric, *(f"{row[metric]:.2f}" if metric in row else "" for row in results.values()))
     Console().print(table)
     parity = Table(title="export parity (ONNX Runtime vs PyTorch fp32)")
-    for column in ("precision", "golden", "min cosine", "k-NN top-1 drop", "verdict"):
+    for column in ("precision", "test images", "min cosine", "1st percentile", "k-NN top-1 drop", "verdict"):
         parity.add_column(column)
     for precision, res in report["results"].items():
-        parity.add_row(precision, f"{res['golden']['samples']} samples", f"{res['golden']['min_cosine']:.6f}",
+        cosine = res["split"]["cosine"]
+        parity.add_row(precision, str(cosine["images"]), f"{cosine['min']:.6f}", f"{cosine['p1']:.6f}",
                        f"{res['accuracy']['drop']:+.2f}", "PASS" if res["passed"] else "FAIL")
     Console().print(parity)
     Console().print(f"bundle: {report['bundle']}")

@@ -114,24 +114,24 @@ def make_bundle(root: Path) -> Path:
         rel = f"golden/images/{i:02d}{f.suffix}"
         shutil.copyfile(f, root / rel)
         images.append(rel)
-    np.save(root / "calibration.npy", calib_x)
     export_onnx(model, root / "model.fp32.onnx")
     to_fp16(root / "model.fp32.onnx", root / "model.fp16.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 64 calibration images: the small-set warning is expected here
-        to_int8(root / "model.fp32.onnx", root / "model.int8.onnx", calib_x)
+        quantization = to_int8(root / "model.fp32.onnx", root / "model.int8.onnx", calib_x)
 
     manifest = Manifest(
         architecture="resnet18-cifar",
         input=InputSpec(shape=(3, 32, 32), resize=32, crop=32, mean=CIFAR_MEAN, std=CIFAR_STD),
         output=OutputSpec(name=OUTPUT_NAME, dim=512, normalized=False),
         models={
-            p: ModelEntry(file=f"model.{p}.onnx", input_name=INPUT_NAME, output_name=OUTPUT_NAME)
+            p: ModelEntry(file=f"model.{p}.onnx", input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+                          quantization=quantization if p == "int8" else None)
             for p in ("fp32", "fp16", "int8")
         },
         golden=Golden(inputs="golden/inputs.npy", outputs="golden/outputs.npy", images=tuple(images)),
-        calibration="calibration.npy",
         parity=Parity(thresholds=dict(DEFAULT_THRESHOLDS)),
+        verified=True,
         provenance={"method": "test", "weights": "random init, BatchNorm fitted on 64 CIFAR-10 train images"},
         created="2024-01-01T00:00:00+00:00",
         kt_edge_version="test",
@@ -150,6 +150,12 @@ def data_root() -> Path:
 def pick_cifar():
     """cifar_files(split, count, seed) for tests: seeded CIFAR-10 files and labels, or a skip."""
     return cifar_files
+
+
+@pytest.fixture(scope="session")
+def calibration() -> np.ndarray:
+    """The preprocessed CIFAR-10 train images the bundle's int8 model was calibrated on (kept off the bundle)."""
+    return torch_preprocess(cifar_files("train", CALIBRATION, seed=2)[0])
 
 
 @pytest.fixture(scope="session")

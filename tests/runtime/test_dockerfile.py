@@ -50,8 +50,17 @@ def test_runtime_stage_installs_only_the_device_package():
     copies = [rest for keyword, rest in runtime if keyword == "COPY"]
     assert copies == ["export/ export/"]
     installs = " ".join(rest for keyword, rest in runtime if keyword == "RUN")
-    assert "pip install ./export" in installs and "torch" not in installs
+    assert 'pip install "./export[jetpack${JETPACK}]"' in installs and "torch" not in installs
     assert ("ENTRYPOINT", '["kt-edge-runtime"]') in runtime
+
+
+def test_runtime_stage_picks_the_cuda_bindings_of_jetpack_5_or_6():
+    runtime = stages()["runtime"]
+    assert ("ARG", "JETPACK=6") in runtime
+    extras = (DOCKERFILE.parent / "export" / "pyproject.toml").read_text()
+    assert "jetpack5 = [" in extras and "jetpack6 = [" in extras
+    text = DOCKERFILE.read_text()
+    assert "r35" in text and "JETPACK=5" in text  # JetPack 5's image and argument are documented
 
 
 def test_host_stage_installs_both_packages_and_is_the_default_target():

@@ -79,29 +79,75 @@ def test_close_to_torchvision_tensor_antialias_path(data_root):
     assert np.abs(ours - ref).mean() < 0.02  # about 1/255 / std on average
 
 
-def test_image_modes_become_rgb(tmp_path):
-    rgb = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+def image_files(folder) -> dict[str, np.ndarray]:
+    """Every mode the decoder handles, written to disk, with the 8-bit RGB each must decode to."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
     gray = rgb[..., 0]
-    Image.fromarray(gray, "L").save(tmp_path / "gray.png")
-    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
-    Image.fromarray(np.dstack([rgb, np.full(gray.shape, 7, np.uint8)]), "RGBA").save(tmp_path / "alpha.png")
-    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
-    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # 16-bit grayscale
+    alpha = rng.integers(0, 256, gray.shape, dtype=np.uint8)
+    white = np.full_like(rgb, 255)
 
-    for name in ("gray.png", "palette.png", "alpha.png", "cmyk.jpg", "sixteen.png"):
-        image = load_rgb(tmp_path / name)
-        assert image.mode == "RGB" and image.size == (24, 20), name
-    assert np.array_equal(np.asarray(load_rgb(tmp_path / "gray.png"))[..., 1], gray)
-    assert np.array_equal(np.asarray(load_rgb(tmp_path / "alpha.png")), rgb)  # alpha dropped, colour kept
-    assert np.array_equal(np.asarray(load_rgb(tmp_path / "sixteen.png"))[..., 2], gray)  # scaled, not clipped
-    cmyk = np.asarray(load_rgb(tmp_path / "cmyk.jpg")).astype(int)
-    assert np.abs(cmyk - rgb).mean() < 12  # JPEG, but the right colours
+    def over_white(colour, a):
+        a = a[..., None].astype(np.float64) / 255.0
+        return colour * a + white * (1.0 - a)
+
+    expected = {}
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    expected["rgb.png"] = rgb
+    Image.fromarray(gray, "L").save(folder / "gray.png")
+    expected["gray.png"] = np.repeat(gray[..., None], 3, axis=2)
+    Image.fromarray(np.dstack([gray, alpha]), "LA").save(folder / "gray-alpha.png")
+    expected["gray-alpha.png"] = over_white(np.repeat(gray[..., None], 3, axis=2), alpha)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(folder / "alpha.png")
+    expected["alpha.png"] = over_white(rgb, alpha)
+    palette = Image.fromarray(rgb).quantize(16)
+    palette.info["transparency"] = 3
+    palette.save(folder / "palette.png", transparency=3)
+    index = np.asarray(palette)
+    colours = np.asarray(palette.convert("RGB"))
+    expected["palette.png"] = np.where((index == 3)[..., None], white, colours)
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    expected["cmyk.jpg"] = rgb  # JPEG: compared loosely
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "sixteen.png")
+    expected["sixteen.png"] = np.repeat(gray[..., None], 3, axis=2)  # full 16-bit range, scaled by 257
+    Image.fromarray(gray.astype(np.uint16)).save(folder / "sixteen-holding-8.png")
+    expected["sixteen-holding-8.png"] = np.repeat(gray[..., None], 3, axis=2)  # 8-bit values: not darkened
+    rotated = Image.fromarray(rgb)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    rotated.save(folder / "exif-rotated.png", exif=exif)
+    expected["exif-rotated.png"] = np.rot90(rgb, k=-1)
+    return {name: np.rint(value).astype(np.uint8) for name, value in expected.items()}
+
+
+def test_every_image_mode_decodes_to_its_upright_rgb(tmp_path):
+    for name, expected in image_files(tmp_path).items():
+        decoded = np.asarray(load_rgb(tmp_path / name))
+        assert decoded.shape == expected.shape, name
+        if name.endswith(".jpg"):
+            assert np.abs(decoded.astype(int) - expected).mean() < 12, name
+        else:
+            assert np.abs(decoded.astype(int) - expected).max() <= 1, name
+
+
+def test_host_and_device_decode_every_file_to_equal_tensors(tmp_path):
+    """Training reads images through kt_edge.data.sources, the device through kt_edge_runtime: same tensors."""
+    from kt_edge.data.augment import MEAN, STD, eval_transform, resize_for
+    from kt_edge.data.sources import load_rgb as host_load_rgb
+
+    spec = InputSpec(shape=(3, 16, 16), resize=resize_for(16), crop=16, mean=MEAN, std=STD)
+    host = eval_transform(16)
+    for name in image_files(tmp_path):
+        device_x = preprocess_file(tmp_path / name, spec)
+        host_x = host(host_load_rgb(tmp_path / name)).numpy()
+        np.testing.assert_allclose(device_x, host_x, atol=1e-5, err_msg=name)
 
 
 def test_unreadable_image_is_an_error_and_extreme_aspect_works(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
-        load_rgb(tmp_path / "broken.jpg")
+        preprocess_file(tmp_path / "broken.jpg", InputSpec(shape=(3, 8, 8), resize=8, crop=8, mean=(0, 0, 0),
+                                                           std=(1, 1, 1)))
     tiny = InputSpec(shape=(3, 8, 8), resize=8, crop=8, mean=(0, 0, 0), std=(1, 1, 1))
     wide = Image.new("RGB", (100, 2))
     out = preprocess_image(wide, tiny)  # shorter side scaled up to 8, then cropped

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import kt_edge_runtime
 import pytest
 from kt_edge_runtime.bundle import MANIFEST_NAME, Manifest, write_manifest
 
@@ -30,7 +31,10 @@ def torchless(tmp_path):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(BLOCKER.format(name=name))
     marker = tmp_path / "torch-import-attempts.txt"
-    env = {**os.environ, "PYTHONPATH": str(blocked), "KT_EDGE_TORCH_MARKER": str(marker)}
+    # The runtime under test (this checkout's, not whichever is installed) behind the blockers.
+    runtime = Path(kt_edge_runtime.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(runtime)]), "KT_EDGE_TORCH_MARKER": str(marker)}
+    env.pop("KT_EDGE_PUBLIC_KEY", None)
 
     def run(*args: str | Path) -> subprocess.CompletedProcess:
         proc = subprocess.run(
@@ -112,6 +116,10 @@ def test_bench_writes_json(torchless, bundle, tmp_path):
     for r in data["results"]:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput_ips"] > 0
     assert "p50 ms" in proc.stdout
+    # which kernels ran, from ONNX Runtime's profiler: the full-range int8 model on the exact u8u8 mode
+    kernels = data["kernels"]
+    assert kernels["ops"]["QLinearConv"] >= 1 and kernels["x64quantprecision"] is True
+    assert kernels["int8"].startswith("fused int8 kernels") and f"kernels: {kernels['int8']}" in proc.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")

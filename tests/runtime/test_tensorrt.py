@@ -28,10 +28,10 @@ def flags(command: str) -> dict[str, str | None]:
 
 def test_engine_names_carry_precision_tensorrt_version_and_gpu(tmp_path):
     assert engine_path(tmp_path, "fp16", ORIN).relative_to(tmp_path).as_posix() == (
-        "engines/model.fp16.trt10.3.0.sm87.engine"
+        "engines/model.fp16.trt10.3.0.sm87.orin.engine"
     )
-    assert engine_path(tmp_path, "int8", XAVIER, dla_core=1).name == "model.int8.trt8.5.2.sm72.dla1.engine"
-    assert timing_cache_path(tmp_path, ORIN).name == "timing.trt10.3.0.sm87.cache"
+    assert engine_path(tmp_path, "int8", XAVIER, dla_core=1).name == "model.int8.trt8.5.2.sm72.xavier.dla1.engine"
+    assert timing_cache_path(tmp_path, ORIN).name == "timing.trt10.3.0.sm87.orin.cache"
 
 
 def test_trtexec_fp32(bundle):
@@ -39,12 +39,12 @@ def test_trtexec_fp32(bundle):
     f = flags(command)
     assert command.startswith("trtexec ")
     assert f["--onnx"] == str(bundle / "model.fp32.onnx")
-    assert f["--saveEngine"] == str(bundle / "engines" / "model.fp32.trt10.3.0.sm87.engine")
+    assert f["--saveEngine"] == str(bundle / "engines" / "model.fp32.trt10.3.0.sm87.orin.engine")
     assert f["--minShapes"] == "images:1x3x32x32"
     assert f["--optShapes"] == "images:4x3x32x32"
     assert f["--maxShapes"] == "images:16x3x32x32"
     assert f["--memPoolSize"] == "workspace:512"
-    assert f["--timingCacheFile"] == str(bundle / "engines" / "timing.trt10.3.0.sm87.cache")
+    assert f["--timingCacheFile"] == str(bundle / "engines" / "timing.trt10.3.0.sm87.orin.cache")
     assert "--noTF32" in f and "--skipInference" in f
     assert not {"--fp16", "--int8", "--useDLACore", "--allowGPUFallback"} & set(f)
 
@@ -55,7 +55,7 @@ def test_trtexec_reduced_precisions_and_dla(bundle):
     int8 = flags(trtexec_command(bundle, "int8", dla_core=0, target=XAVIER))
     assert {"--int8", "--fp16", "--allowGPUFallback"} <= set(int8) and int8["--useDLACore"] == "0"
     assert int8["--onnx"].endswith("model.int8.onnx") and "--buildOnly" in int8  # TensorRT 8.5 spelling
-    assert int8["--saveEngine"].endswith("model.int8.trt8.5.2.sm72.dla0.engine")
+    assert int8["--saveEngine"].endswith("model.int8.trt8.5.2.sm72.xavier.dla0.engine")
 
 
 def test_trtexec_tensorrt_11_takes_precision_from_the_onnx(bundle):

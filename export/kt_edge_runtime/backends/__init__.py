@@ -27,6 +27,10 @@ class Backend(Protocol):
         """float32 [N, 3, H, W] -> float32 [N, D]."""
         ...
 
+    def kernels(self, batch: np.ndarray) -> dict:
+        """What runs this model here (ops and int8 arithmetic, or the engine), for reports."""
+        ...
+
 
 def open_backend(
     bundle_dir: str | os.PathLike,
@@ -34,19 +38,24 @@ def open_backend(
     precision: str,
     backend: str = "onnxruntime",
     providers: Sequence[str] | None = None,
+    dla_core: int | None = None,
 ) -> Backend:
-    """A ready backend for one precision of a loaded bundle (TensorRT: the engine built for this device)."""
+    """A ready backend for one precision of a loaded bundle (TensorRT: the engine built for this device,
+    on the DLA core given). ONNX Runtime runs full-range int8 weights in its exact (u8u8) mode on x86."""
     entry = manifest.model(precision)
     if backend == "onnxruntime":
         from .onnxruntime import OrtBackend
 
+        if dla_core is not None:
+            raise ValueError("--dla-core needs --backend tensorrt")
         return OrtBackend(
-            os.path.join(bundle_dir, entry.file), providers, input_name=entry.input_name, output_name=entry.output_name
+            os.path.join(bundle_dir, entry.file), providers, input_name=entry.input_name,
+            output_name=entry.output_name, exact_int8=entry.full_range_int8,
         )
     if backend == "tensorrt":
         from .tensorrt import TrtBackend, find_engine
 
-        return TrtBackend(find_engine(bundle_dir, manifest, precision))
+        return TrtBackend(find_engine(bundle_dir, manifest, precision, dla_core))
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
 
 

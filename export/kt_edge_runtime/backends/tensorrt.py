@@ -1,8 +1,10 @@
 """TensorRT engines, built on the device from the bundle's ONNX files, and run with cuda-python.
 
-Engines are not portable across TensorRT versions or GPUs, so each one is
-named after the TensorRT version and compute capability it was built for and
-carries a JSON sidecar; loading it anywhere else is refused. `tensorrt` and
+Engines are not portable across TensorRT versions or GPU models, so each one is
+named after the TensorRT version, compute capability and GPU name it was built
+for and carries a JSON sidecar; loading it anywhere else is refused. A DLA
+engine (Jetson Xavier / Orin) has one fixed batch, as TensorRT requires equal
+min/opt/max shapes on DLA, and is picked with the same --dla-core it was built with. `tensorrt` and
 `cuda-python` are imported only when an engine is built or run.
 
 Precision: TensorRT 8.5-10 is weakly typed, so fp16 sets the FP16 builder flag
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import write_bytes
-from ..bundle import Manifest, load_bundle
+from ..bundle import BundleError, Manifest, load_bundle
 from . import BackendError
 
 ENGINE_DIR = "engines"
@@ -72,7 +76,7 @@ def _cuda(result: Any, what: str) -> Any:
 
 @dataclass(frozen=True)
 class Target:
-    """What an engine is tied to: TensorRT version and GPU compute capability."""
+    """What an engine is tied to: TensorRT version, GPU compute capability and GPU model."""
 
     tensorrt: str
     compute_capability: tuple[int, int]
@@ -81,6 +85,15 @@ class Target:
     @property
     def sm(self) -> str:
         return f"sm{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    @property
+    def tag(self) -> str:
+        """trt<version>.sm<cc>[.<gpu-name>] for file names; the GPU name lowercased, runs of other chars -> '-'."""
+        gpu = re.sub(r"[^a-z0-9]+", "-", self.gpu.lower()).strip("-")
+        return f"trt{self.tensorrt}.{self.sm}" + (f".{gpu}" if gpu else "")
+
+    def describe(self) -> str:
+        return f"TensorRT {self.tensorrt} on {self.gpu or 'an unnamed GPU'} ({self.sm})"
 
 
 def current_target() -> Target:
@@ -98,14 +111,14 @@ def _major(version: str) -> int:
 
 
 def engine_path(bundle_dir: str | os.PathLike, precision: str, target: Target, dla_core: int | None = None) -> Path:
-    """engines/model.<precision>.trt<version>.sm<major><minor>[.dla<core>].engine inside the bundle."""
+    """engines/model.<precision>.trt<version>.sm<cc>.<gpu>[.dla<core>].engine inside the bundle."""
     dla = f".dla{dla_core}" if dla_core is not None else ""
-    return Path(bundle_dir) / ENGINE_DIR / f"model.{precision}.trt{target.tensorrt}.{target.sm}{dla}.engine"
+    return Path(bundle_dir) / ENGINE_DIR / f"model.{precision}.{target.tag}{dla}.engine"
 
 
 def timing_cache_path(bundle_dir: str | os.PathLike, target: Target) -> Path:
     """One timing cache per TensorRT version and GPU, shared by all precisions of the bundle."""
-    return Path(bundle_dir) / ENGINE_DIR / f"timing.trt{target.tensorrt}.{target.sm}.cache"
+    return Path(bundle_dir) / ENGINE_DIR / f"timing.{target.tag}.cache"
 
 
 @dataclass(frozen=True)
@@ -126,22 +139,58 @@ class EngineInfo:
     workspace_mib: int
     dla_core: int | None
 
+    @property
+    def target(self) -> Target:
+        return Target(self.tensorrt, self.compute_capability, self.gpu)
+
     @classmethod
     def read(cls, engine: Path) -> EngineInfo:
+        """The sidecar of an engine; a missing or malformed one is a BackendError that says to rebuild."""
         sidecar = engine.with_suffix(".json")
         if not sidecar.is_file():
             raise BackendError(f"engine {engine.name} has no sidecar {sidecar.name}: rebuild it with build-engine")
-        data = json.loads(sidecar.read_text())
-        data["compute_capability"] = tuple(data["compute_capability"])
-        return cls(**data)
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            data["compute_capability"] = tuple(int(v) for v in data["compute_capability"])
+            info = cls(**data)
+            ints = [info.min_batch, info.opt_batch, info.max_batch, info.workspace_mib, *info.compute_capability]
+            texts = [info.precision, info.onnx_file, info.onnx_sha256, info.input_name, info.output_name,
+                     info.tensorrt, info.gpu]
+            if (not all(isinstance(v, int) and not isinstance(v, bool) for v in ints)
+                    or not all(isinstance(v, str) for v in texts)
+                    or not (info.dla_core is None or isinstance(info.dla_core, int))):
+                raise TypeError("a field has the wrong type")
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            raise BackendError(f"engine sidecar {sidecar.name} is malformed ({exc}): rebuild it with build-engine")
+        return info
 
     def write(self, engine: Path) -> None:
         write_bytes(engine.with_suffix(".json"), (json.dumps(asdict(self), indent=2) + "\n").encode())
 
 
-def _check_batches(min_batch: int, opt_batch: int, max_batch: int) -> None:
+def _profile(precision: str, min_batch: int, opt_batch: int, max_batch: int,
+             dla_core: int | None) -> tuple[int, int, int]:
+    """The (min, opt, max) batch of the engine's profile; on DLA all three are opt_batch (one fixed shape)."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
+    if dla_core is None:
+        return min_batch, opt_batch, max_batch
+    if dla_core < 0:
+        raise ValueError(f"--dla-core must be >= 0, got {dla_core}")
+    if precision == "fp32":
+        raise ValueError("DLA runs fp16 or int8 only: pick --precision fp16 or int8 with --dla-core")
+    return opt_batch, opt_batch, opt_batch
+
+
+def _tensorrt_model(manifest: Manifest, precision: str):
+    """The model entry, refusing an int8 file quantized for ONNX Runtime (uint8 activations TensorRT rejects)."""
+    entry = manifest.model(precision)
+    if entry.int8_target not in (None, "tensorrt"):
+        raise BundleError(
+            f"{entry.file} was quantized for {entry.int8_target}, not TensorRT: export it with "
+            "export.int8.target=tensorrt"
+        )
+    return entry
 
 
 def build_engine(
@@ -152,17 +201,17 @@ def build_engine(
     max_batch: int = 32,
     workspace_mib: int = 1024,
     dla_core: int | None = None,
+    manifest: Manifest | None = None,
 ) -> Path:
     """Build (or rebuild) the engine for one precision from the bundle's verified ONNX file.
 
     The timing cache in the bundle's engines/ folder is read before and saved
-    after the build, so later builds on the same device are fast.
+    after the build, so later builds on the same device are fast. A caller holding
+    the checked manifest passes it, so the bundle is hashed once.
     """
-    _check_batches(min_batch, opt_batch, max_batch)
-    if dla_core is not None and precision == "fp32":
-        raise ValueError("DLA runs fp16 or int8 only: pick --precision fp16 or int8 with --dla-core")
-    manifest = load_bundle(bundle_dir)
-    entry = manifest.model(precision)
+    min_batch, opt_batch, max_batch = _profile(precision, min_batch, opt_batch, max_batch, dla_core)
+    manifest = manifest or load_bundle(bundle_dir)
+    entry = _tensorrt_model(manifest, precision)
     onnx_path = Path(bundle_dir) / entry.file
     trt = import_tensorrt()
     target = current_target()
@@ -204,7 +253,11 @@ def build_engine(
 
     cache_file = timing_cache_path(bundle_dir, target)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        print(f"kt-edge-runtime: timing cache {cache_file.name} does not fit this device: starting a new one",
+              file=sys.stderr)
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            raise BackendError("TensorRT refused an empty timing cache")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -231,18 +284,21 @@ def build_engine(
 
 
 def find_engine(bundle_dir: str | os.PathLike, manifest: Manifest, precision: str, dla_core: int | None = None) -> Path:
-    """The engine for this precision built for this very TensorRT and GPU, or a BackendError saying why not."""
+    """The engine for this precision built for this very TensorRT, GPU and DLA core (or the GPU when None),
+    or a BackendError saying why not."""
+    entry = _tensorrt_model(manifest, precision)
     target = current_target()
     path = engine_path(bundle_dir, precision, target, dla_core)
+    where = f"DLA core {dla_core}" if dla_core is not None else "the GPU"
     if not path.is_file():
         others = sorted(p.name for p in (Path(bundle_dir) / ENGINE_DIR).glob(f"model.{precision}.*.engine"))
-        hint = f" (found engines for other TensorRT versions or GPUs: {', '.join(others)})" if others else ""
+        hint = f" (found only {', '.join(others)})" if others else ""
+        dla = f" --dla-core {dla_core}" if dla_core is not None else ""
         raise BackendError(
-            f"no {precision} engine for TensorRT {target.tensorrt} on {target.sm}{hint}: "
-            f"run `kt-edge-runtime build-engine {bundle_dir} --precision {precision}`"
+            f"no {precision} engine for {target.describe()} on {where}{hint}: "
+            f"run `kt-edge-runtime build-engine {bundle_dir} --precision {precision}{dla}`"
         )
     info = EngineInfo.read(path)
-    entry = manifest.model(precision)
     if info.onnx_sha256 != manifest.files[entry.file].sha256:
         raise BackendError(f"engine {path.name} was built from another {entry.file}: rebuild it with build-engine")
     return path
@@ -251,33 +307,45 @@ def find_engine(bundle_dir: str | os.PathLike, manifest: Manifest, precision: st
 class TrtBackend:
     """Runs a serialized engine: host -> device copy, execute_async_v3, device -> host copy."""
 
+    _cudart = None  # set once the CUDA resources exist, so close() is safe after any failed __init__
+
     def __init__(self, engine_file: str | os.PathLike) -> None:
         self.path = Path(engine_file)
         self.info = EngineInfo.read(self.path)
         trt = import_tensorrt()
         cudart = import_cudart()
         target = current_target()
-        if (self.info.tensorrt, self.info.compute_capability) != (target.tensorrt, target.compute_capability):
-            built = f"TensorRT {self.info.tensorrt} on sm{''.join(map(str, self.info.compute_capability))}"
+        if self.info.target != target:
             raise BackendError(
-                f"engine {self.path.name} was built for {built}; this device has TensorRT {target.tensorrt} "
-                f"on {target.sm}: rebuild it here with build-engine"
+                f"engine {self.path.name} was built for {self.info.target.describe()}; this device has "
+                f"{target.describe()}: rebuild it here with build-engine"
             )
-        self._cudart = cudart
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.info.dla_core is not None:
+            self._runtime.DLA_core = self.info.dla_core
+        try:
+            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        except Exception:  # TensorRT 10 raises where 8.x returned None
+            self.engine = None
         if self.engine is None:
             raise BackendError(f"TensorRT cannot deserialize {self.path.name}: rebuild it with build-engine")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"TensorRT cannot create an execution context for {self.path.name} (out of memory?)")
         self.input_name, self.output_name = self.info.input_name, self.info.output_name
         self.min_batch, self.max_batch = self.info.min_batch, self.info.max_batch
         if self.engine.get_tensor_dtype(self.input_name) != trt.float32:
             raise BackendError(f"engine {self.path.name} input {self.input_name} is not float32")
         self._out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
-        self._stream = _cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._in_ptr = self._out_ptr = None
         self._capacity = 0
         self._out_bytes = 0
+        self._stream = _cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._cudart = cudart
+
+    def kernels(self, batch: np.ndarray) -> dict:
+        return {"engine": self.path.name, "target": self.info.target.describe(), "dla_core": self.info.dla_core,
+                "batch": [self.info.min_batch, self.info.opt_batch, self.info.max_batch]}
 
     def _ensure_buffers(self, in_bytes: int, out_bytes: int) -> None:
         cudart = self._cudart
@@ -320,7 +388,7 @@ class TrtBackend:
 
     def close(self) -> None:
         """Free device memory and the stream; the backend is unusable afterwards."""
-        cudart = getattr(self, "_cudart", None)
+        cudart = self._cudart
         if cudart is None:
             return
         for ptr in (self._in_ptr, self._out_ptr):
@@ -343,17 +411,16 @@ def trtexec_command(
     workspace_mib: int = 1024,
     dla_core: int | None = None,
     target: Target | None = None,
+    manifest: Manifest | None = None,
 ) -> str:
     """The trtexec command line that builds the same engine as build_engine.
 
     target defaults to this machine's TensorRT and GPU; pass one to print the
     command for another device.
     """
-    _check_batches(min_batch, opt_batch, max_batch)
-    if dla_core is not None and precision == "fp32":
-        raise ValueError("DLA runs fp16 or int8 only: pick --precision fp16 or int8 with --dla-core")
-    manifest = load_bundle(bundle_dir)
-    entry = manifest.model(precision)
+    min_batch, opt_batch, max_batch = _profile(precision, min_batch, opt_batch, max_batch, dla_core)
+    manifest = manifest or load_bundle(bundle_dir)
+    entry = _tensorrt_model(manifest, precision)
     target = target or current_target()
     major_minor = tuple(int(p) for p in target.tensorrt.split(".")[:2])
     c, h, w = manifest.input.shape
