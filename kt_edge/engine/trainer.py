@@ -226,10 +226,10 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
                                 f"the last resume point in {out_dir} is kept")
         if not main:
             return
-        with atomic.atomic_path(resume_path) as tmp:
+        with atomic.atomic_file(resume_path) as handle:
             torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "step": step,
-                        "fingerprint": fingerprint, "images": len(dataset)}, tmp)
+                        "fingerprint": fingerprint, "images": len(dataset)}, handle)
 
     progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=False,

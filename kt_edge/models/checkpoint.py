@@ -27,7 +27,7 @@ def save_backbone(backbone: Backbone, folder: Path, **provenance) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     # An old sidecar would vouch for the new weights if we stopped between the two writes.
     (folder / SIDECAR).unlink(missing_ok=True)
-    with atomic.atomic_path(folder / WEIGHTS) as tmp:
+    with atomic.atomic_path(folder / WEIGHTS) as tmp, atomic.os_errors():
         save_file(state, str(tmp))
     atomic.write_json(folder / SIDECAR, {
         "arch": backbone.arch,
