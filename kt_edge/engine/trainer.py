@@ -18,7 +18,6 @@ contiguous slice of it), logged scalars are averaged over ranks and rank 0 alone
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 import signal
@@ -35,6 +34,7 @@ from kt_edge.data.augment import SeededViews
 from kt_edge.data.feed import ArrayBatches
 from kt_edge.data.gpu_augment import BatchAugment
 from kt_edge.engine import distributed
+from kt_edge.engine.metrics import MetricsLog
 from kt_edge.errors import CheckpointError, DataError, Interrupted, KtEdgeError, TrainingError
 from kt_edge.models.frozen import FrozenTeacher
 
@@ -217,7 +217,7 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
                 else nullcontext())
-    log = open(metrics_path, "a", buffering=1) if metrics_path and main else None  # line-buffered: `tail -f` works
+    log = MetricsLog(metrics_path) if metrics_path and main else None
     started, loss_value = time.perf_counter(), float("nan")
 
     def save_resume_point():
@@ -261,7 +261,7 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
                         record = {"stage": stage, "step": step, "epoch": epoch,
                                   "lr": optimizer.param_groups[0]["lr"], "time": time.time()}
                         record.update(scalars)
-                        log.write(json.dumps(record) + "\n")
+                        log.write(record)
                     if step % cfg.checkpoint_every == 0 or step == total:
                         save_resume_point()
                     if distributed.any_rank(bool(stop["signal"])):

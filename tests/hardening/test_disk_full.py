@@ -238,3 +238,23 @@ def test_safetensors_reporting_os_error_28_raises_the_os_error(tmp_path, monkeyp
     assert caught.value.errno == errno.ENOSPC
     assert files_in(tmp_path) == set()
 
+
+def test_metrics_log_keeps_whole_lines_when_the_disk_fills_in_a_record(tmp_path, monkeypatch):
+    from kt_edge.engine import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    log = metrics.MetricsLog(path)
+    log.write({"stage": "teacher", "step": 1})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        log.write({"stage": "teacher", "step": 2})
+    monkeypatch.undo()
+    log.write({"stage": "teacher", "step": 2})  # space was freed
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
