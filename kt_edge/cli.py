@@ -7,9 +7,10 @@ import functools
 import logging
 import signal
 import warnings
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -76,13 +77,27 @@ def _recipe(path: Path, overrides: list[str] | None):
     return load_recipe(path, overrides or [])
 
 
+@contextmanager
+def _locked_recipe(path: Path, overrides: list[str] | None, command: str) -> Iterator:
+    """The recipe of a command that works in its run directory, which it holds for its whole life (a second
+    command there is refused); the run's recipe.yaml becomes this recipe only if the command succeeds."""
+    from kt_edge.run_lock import hold
+    from kt_edge.stages.inputs import record_recipe
+
+    recipe = _recipe(path, overrides)
+    with hold(recipe.run_dir, command):
+        yield recipe
+        record_recipe(recipe)
+
+
 @app.command("run")
 @_friendly
 def run_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
     """Run every stage: train (or import) the teacher, distil, evaluate, export and verify the bundle."""
     from kt_edge.stages.run import run_all
 
-    run_all(_recipe(recipe, set_), resume)
+    with _locked_recipe(recipe, set_, "run") as loaded:
+        run_all(loaded, resume)
 
 
 @app.command("train-teacher")
@@ -91,7 +106,8 @@ def train_teacher_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt 
     """Train the teacher with its self-supervised method, or import teacher.checkpoint."""
     from kt_edge.stages.teacher import train_teacher
 
-    train_teacher(_recipe(recipe, set_), resume)
+    with _locked_recipe(recipe, set_, "train-teacher") as loaded:
+        train_teacher(loaded, resume)
 
 
 class FeatureSplit(str, Enum):
@@ -107,7 +123,8 @@ def features_cmd(recipe: RecipeArg,
     """Extract the run teacher's features of a split to runs/<name>/features/<split>/ (resumes finished shards)."""
     from kt_edge.stages.features import features_stage
 
-    features_stage(_recipe(recipe, set_), split.value)
+    with _locked_recipe(recipe, set_, "features") as loaded:
+        features_stage(loaded, split.value)
 
 
 @app.command("cluster")
@@ -116,7 +133,8 @@ def cluster_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """k-means on the teacher's features (recipe section cluster); save centroids, pseudo-labels and a report."""
     from kt_edge.stages.cluster import cluster_stage
 
-    cluster_stage(_recipe(recipe, set_))
+    with _locked_recipe(recipe, set_, "cluster") as loaded:
+        cluster_stage(loaded)
 
 
 @app.command("distill")
@@ -125,7 +143,8 @@ def distill_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = Fals
     """Distil the run's teacher into the student with distill.method."""
     from kt_edge.stages.distill import distill
 
-    distill(_recipe(recipe, set_), resume)
+    with _locked_recipe(recipe, set_, "distill") as loaded:
+        distill(loaded, resume)
 
 
 @app.command("eval")
@@ -134,7 +153,8 @@ def eval_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """Score teacher, student and a random-init student by weighted k-NN on data.test."""
     from kt_edge.stages.evaluate import evaluate
 
-    evaluate(_recipe(recipe, set_))
+    with _locked_recipe(recipe, set_, "eval") as loaded:
+        evaluate(loaded)
 
 
 @app.command("export")
@@ -143,7 +163,8 @@ def export_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """Write the device bundle (ONNX, golden vectors, manifest) and check it against PyTorch."""
     from kt_edge.stages.export import export
 
-    export(_recipe(recipe, set_))
+    with _locked_recipe(recipe, set_, "export") as loaded:
+        export(loaded)
 
 
 data_app = typer.Typer(help="Prepare data for fast training.", no_args_is_help=True)

@@ -121,3 +121,30 @@ def test_run_skips_finished_stages_and_ends_with_both_tables(trained_run):
     for stage in ("teacher", "student", "eval", "export"):
         assert f"{stage}: up to date" in again.output
     assert again.output.count("PASS") == result.output.count("PASS")
+
+
+def _imported_teacher(tmp_path, tiny_recipe):
+    import torch
+
+    from kt_edge.models.backbones import build_backbone
+
+    weights = tmp_path / "teacher.pth"
+    torch.save(build_backbone("alexnet", 32).state_dict(), weights)
+    return tiny_recipe(teacher={"arch": "alexnet", "checkpoint": str(weights)}), weights
+
+
+def test_a_failed_command_leaves_the_runs_recipe_as_it_was(tmp_path, tiny_recipe):
+    import yaml
+
+    recipe, _ = _imported_teacher(tmp_path, tiny_recipe)
+    saved = tmp_path / "runs" / "tiny" / "recipe.yaml"
+    assert invoke("train-teacher", recipe).exit_code == 0
+    before = saved.read_text()
+    typo = tmp_path / "data" / "tset"
+    result = invoke("eval", recipe, "-s", f"data.test.path={typo}")
+    assert result.exit_code == 2 and f"data folder not found: {typo}" in result.output
+    assert saved.read_text() == before  # report and compare read the run's recipe: no typo there
+    result = invoke("train-teacher", recipe, "-s", "export.golden=2")  # succeeds (up to date): recorded
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(saved.read_text())["export"]["golden"] == 2
+
