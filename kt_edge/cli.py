@@ -29,8 +29,19 @@ SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="override a recip
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the last resume point of a stopped stage")]
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _stopped(signum: int, _frame=None) -> None:
-    """SIGTERM (and Ctrl-C) outside a training loop, which handles them itself: stop with one line."""
+    """SIGTERM (and Ctrl-C) outside a training loop, which handles them itself: stop with one line.
+
+    Later ones are ignored while the stage winds down: a scheduler signals the process and then its
+    whole group, and a second stop raised inside the clean-up would print a traceback."""
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
     name = signal.Signals(signum).name
     raise Interrupted(f"stopped by {name}; finished work (whole artifacts, feature shards) is kept: run the same "
                       "command again to go on")
@@ -44,9 +55,10 @@ def _friendly(func: Callable) -> Callable:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("kt_edge").setLevel(logging.INFO)
         try:
-            previous = signal.signal(signal.SIGTERM, _stopped)
+            previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+            signal.signal(signal.SIGTERM, _stopped)
         except ValueError:  # not the main thread: signals stay as they are
-            previous = None
+            previous = {}
         with warnings.catch_warnings():
             warnings.showwarning = lambda msg, *a, **k: err.print(f"[yellow]warning:[/] {msg}")
             try:
@@ -65,8 +77,8 @@ def _friendly(func: Callable) -> Callable:
                           highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
             finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     return wrapper
 

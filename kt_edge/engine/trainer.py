@@ -33,6 +33,7 @@ from kt_edge import atomic
 from kt_edge.data.augment import SeededViews
 from kt_edge.data.feed import ArrayBatches
 from kt_edge.data.gpu_augment import BatchAugment
+from kt_edge.data.workers import ignore_stop_signals
 from kt_edge.engine import distributed
 from kt_edge.engine.metrics import MetricsLog
 from kt_edge.errors import CheckpointError, DataError, Interrupted, KtEdgeError, TrainingError
@@ -200,7 +201,7 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
         """This rank's batches of one epoch from sample ``start`` on, on the device."""
         views.epoch = epoch
         sampler = EpochSampler(len(views), seed, epoch, start, rank=rank, world=world, batch_size=cfg.batch_size)
-        common = dict(num_workers=workers, pin_memory=device.type == "cuda",
+        common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(seed + epoch))  # keeps the global RNG untouched
         if augment == "per_sample":
             loader = torch.utils.data.DataLoader(views, batch_size=local_batch, drop_last=True, sampler=sampler,
