@@ -14,6 +14,7 @@ from typing import Annotated, Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from kt_edge.errors import Interrupted, KtEdgeError
 
@@ -30,6 +31,11 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the las
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _say(kind: str, style: str, message) -> None:
+    """One line on stderr, as plain text: brackets in a path or a list of keys are never taken for markup."""
+    err.print(Text.assemble((f"{kind}:", style), " ", str(message)), highlight=False, soft_wrap=True)
 
 
 def _stopped(signum: int, _frame=None) -> None:
@@ -60,21 +66,20 @@ def _friendly(func: Callable) -> Callable:
         except ValueError:  # not the main thread: signals stay as they are
             previous = {}
         with warnings.catch_warnings():
-            warnings.showwarning = lambda msg, *a, **k: err.print(f"[yellow]warning:[/] {msg}")
+            warnings.showwarning = lambda msg, *a, **k: _say("warning", "yellow", msg)
             try:
                 try:
                     return func(*args, **kwargs)
                 except KeyboardInterrupt:
                     _stopped(signal.SIGINT)
             except KtEdgeError as exc:
-                err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                _say("error", "bold red", exc)
                 raise typer.Exit(exc.exit_code) from None
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                err.print(f"[bold red]error:[/] out of disk space ({exc.strerror}); nothing partial was kept: "
-                          "free space and run the same command again (with --resume for training)",
-                          highlight=False, soft_wrap=True)
+                _say("error", "bold red", f"out of disk space ({exc.strerror}); nothing partial was kept: "
+                     "free space and run the same command again (with --resume for training)")
                 raise typer.Exit(1) from None
             finally:
                 for sig, handler in previous.items():

@@ -148,3 +148,24 @@ def test_a_failed_command_leaves_the_runs_recipe_as_it_was(tmp_path, tiny_recipe
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(saved.read_text())["export"]["golden"] == 2
 
+
+
+def test_user_errors_are_plain_text(tmp_path, tiny_recipe):
+    """Brackets in an error are text, never rich markup: a path with `[/...]`, a list of missing keys."""
+    import torch
+
+    from kt_edge.models.backbones import build_backbone
+
+    odd = tmp_path / "[" / "x]" / "[bold]train"
+    result = invoke("train-teacher", tiny_recipe(data={"train": {"path": str(odd)}}))
+    assert result.exit_code == 2
+    assert result.output == f"error: data folder not found: {odd}\n"
+
+    state = build_backbone("alexnet", 32).state_dict()
+    first = next(iter(state))
+    state["body.extra"] = state.pop(first)
+    weights = tmp_path / "teacher.pth"
+    torch.save(state, weights)
+    result = invoke("train-teacher", tiny_recipe(teacher={"arch": "alexnet", "checkpoint": str(weights)}))
+    assert result.exit_code == 2
+    assert f"missing [{first}]; unexpected [body.extra]" in result.output, result.output

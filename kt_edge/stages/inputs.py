@@ -19,7 +19,7 @@ from kt_edge.recipe import Recipe
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths are printed as they are, brackets included
 
 RECIPE = "recipe.yaml"
 
