@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import tempfile
@@ -103,7 +104,18 @@ def write_text(target: Path | str, text: str) -> None:
 
 
 def write_json(target: Path | str, obj) -> None:
-    write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Strict JSON: a NaN or infinite number (a loss no step computed, say) is written as null."""
+    write_text(target, json.dumps(_finite(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
 
 
 @functools.cache
