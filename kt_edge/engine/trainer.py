@@ -19,7 +19,6 @@ contiguous slice of it), logged scalars are averaged over ranks and rank 0 alone
 from __future__ import annotations
 
 import math
-import pickle
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -37,6 +36,7 @@ from kt_edge.data.workers import ignore_stop_signals
 from kt_edge.engine import distributed
 from kt_edge.engine.metrics import MetricsLog
 from kt_edge.errors import CheckpointError, DataError, Interrupted, KtEdgeError, TrainingError
+from kt_edge.models.checkpoint import load_torch_file
 from kt_edge.models.frozen import FrozenTeacher
 
 RESUME = "resume.pt"
@@ -130,11 +130,7 @@ def _to(batch, device, memory_format=torch.contiguous_format):
 
 def _read_resume_point(path: Path) -> dict:
     """A resume point, loaded with weights_only=True: a planted pickle cannot run code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable resume point ({exc.__class__.__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0]}); delete it and run without --resume") from None
+    state = load_torch_file(path, "resume point", advice="delete it and run without --resume")
     keys = {"method", "optimizer", "rng", "step", "fingerprint"}
     if not isinstance(state, dict) or not keys <= set(state):
         raise CheckpointError(f"{path}: not a kt-edge resume point (expected the keys {', '.join(sorted(keys))})")
