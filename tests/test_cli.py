@@ -123,6 +123,19 @@ def test_run_skips_finished_stages_and_ends_with_both_tables(trained_run):
     assert again.output.count("PASS") == result.output.count("PASS")
 
 
+def test_a_killed_exports_temp_files_are_removed_by_the_next_export(trained_run):
+    recipe, run_dir, _ = trained_run
+    bundle = run_dir / "bundle"
+    (bundle / "manifest.json").unlink()  # a killed export: its first act is to drop the manifest
+    left = [bundle / ".model.fp32.onnx.k1ll3d.tmp", bundle / "golden" / ".inputs.npy.k1ll3d.tmp"]
+    for path in left:
+        path.write_bytes(b"half an export")
+    result = invoke("export", recipe)
+    assert result.exit_code == 0, result.output
+    assert not [path for path in left if path.exists()]
+    assert load_bundle(bundle).verified
+
+
 def _imported_teacher(tmp_path, tiny_recipe):
     import torch
 
@@ -147,7 +160,6 @@ def test_a_failed_command_leaves_the_runs_recipe_as_it_was(tmp_path, tiny_recipe
     result = invoke("train-teacher", recipe, "-s", "export.golden=2")  # succeeds (up to date): recorded
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(saved.read_text())["export"]["golden"] == 2
-
 
 
 def test_user_errors_are_plain_text(tmp_path, tiny_recipe):
