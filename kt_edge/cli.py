@@ -7,12 +7,14 @@ import functools
 import logging
 import signal
 import warnings
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from kt_edge.errors import Interrupted, KtEdgeError
 
@@ -28,8 +30,24 @@ SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="override a recip
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the last resume point of a stopped stage")]
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _say(kind: str, style: str, message) -> None:
+    """One line on stderr, as plain text: brackets in a path or a list of keys are never taken for markup."""
+    err.print(Text.assemble((f"{kind}:", style), " ", str(message)), highlight=False, soft_wrap=True)
+
+
 def _stopped(signum: int, _frame=None) -> None:
-    """SIGTERM (and Ctrl-C) outside a training loop, which handles them itself: stop with one line."""
+    """SIGTERM (and Ctrl-C) outside a training loop, which handles them itself: stop with one line.
+
+    Later ones are ignored while the stage winds down: a scheduler signals the process and then its
+    whole group, and a second stop raised inside the clean-up would print a traceback."""
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
     name = signal.Signals(signum).name
     raise Interrupted(f"stopped by {name}; finished work (whole artifacts, feature shards) is kept: run the same "
                       "command again to go on")
@@ -43,29 +61,29 @@ def _friendly(func: Callable) -> Callable:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         logging.getLogger("kt_edge").setLevel(logging.INFO)
         try:
-            previous = signal.signal(signal.SIGTERM, _stopped)
+            previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+            signal.signal(signal.SIGTERM, _stopped)
         except ValueError:  # not the main thread: signals stay as they are
-            previous = None
+            previous = {}
         with warnings.catch_warnings():
-            warnings.showwarning = lambda msg, *a, **k: err.print(f"[yellow]warning:[/] {msg}")
+            warnings.showwarning = lambda msg, *a, **k: _say("warning", "yellow", msg)
             try:
                 try:
                     return func(*args, **kwargs)
                 except KeyboardInterrupt:
                     _stopped(signal.SIGINT)
             except KtEdgeError as exc:
-                err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+                _say("error", "bold red", exc)
                 raise typer.Exit(exc.exit_code) from None
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                err.print(f"[bold red]error:[/] out of disk space ({exc.strerror}); nothing partial was kept: "
-                          "free space and run the same command again (with --resume for training)",
-                          highlight=False, soft_wrap=True)
+                _say("error", "bold red", f"out of disk space ({exc.strerror}); nothing partial was kept: "
+                     "free space and run the same command again (with --resume for training)")
                 raise typer.Exit(1) from None
             finally:
-                if previous is not None:
-                    signal.signal(signal.SIGTERM, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     return wrapper
 
@@ -76,13 +94,27 @@ def _recipe(path: Path, overrides: list[str] | None):
     return load_recipe(path, overrides or [])
 
 
+@contextmanager
+def _locked_recipe(path: Path, overrides: list[str] | None, command: str) -> Iterator:
+    """The recipe of a command that works in its run directory, which it holds for its whole life (a second
+    command there is refused); the run's recipe.yaml becomes this recipe only if the command succeeds."""
+    from kt_edge.run_lock import hold
+    from kt_edge.stages.inputs import record_recipe
+
+    recipe = _recipe(path, overrides)
+    with hold(recipe.run_dir, command):
+        yield recipe
+        record_recipe(recipe)
+
+
 @app.command("run")
 @_friendly
 def run_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
     """Run every stage: train (or import) the teacher, distil, evaluate, export and verify the bundle."""
     from kt_edge.stages.run import run_all
 
-    run_all(_recipe(recipe, set_), resume)
+    with _locked_recipe(recipe, set_, "run") as loaded:
+        run_all(loaded, resume)
 
 
 @app.command("train-teacher")
@@ -91,7 +123,8 @@ def train_teacher_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt 
     """Train the teacher with its self-supervised method, or import teacher.checkpoint."""
     from kt_edge.stages.teacher import train_teacher
 
-    train_teacher(_recipe(recipe, set_), resume)
+    with _locked_recipe(recipe, set_, "train-teacher") as loaded:
+        train_teacher(loaded, resume)
 
 
 class FeatureSplit(str, Enum):
@@ -107,7 +140,8 @@ def features_cmd(recipe: RecipeArg,
     """Extract the run teacher's features of a split to runs/<name>/features/<split>/ (resumes finished shards)."""
     from kt_edge.stages.features import features_stage
 
-    features_stage(_recipe(recipe, set_), split.value)
+    with _locked_recipe(recipe, set_, "features") as loaded:
+        features_stage(loaded, split.value)
 
 
 @app.command("cluster")
@@ -116,7 +150,8 @@ def cluster_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """k-means on the teacher's features (recipe section cluster); save centroids, pseudo-labels and a report."""
     from kt_edge.stages.cluster import cluster_stage
 
-    cluster_stage(_recipe(recipe, set_))
+    with _locked_recipe(recipe, set_, "cluster") as loaded:
+        cluster_stage(loaded)
 
 
 @app.command("distill")
@@ -125,7 +160,8 @@ def distill_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = Fals
     """Distil the run's teacher into the student with distill.method."""
     from kt_edge.stages.distill import distill
 
-    distill(_recipe(recipe, set_), resume)
+    with _locked_recipe(recipe, set_, "distill") as loaded:
+        distill(loaded, resume)
 
 
 @app.command("eval")
@@ -135,7 +171,8 @@ def eval_cmd(recipe: RecipeArg, set_: SetOpt = None):
     k-NN (each eval.knn setting), linear probe, few-label probes, cluster alignment, and eval.transfer."""
     from kt_edge.stages.evaluate import evaluate
 
-    evaluate(_recipe(recipe, set_))
+    with _locked_recipe(recipe, set_, "eval") as loaded:
+        evaluate(loaded)
 
 
 @app.command("export")
@@ -144,7 +181,8 @@ def export_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """Write the device bundle (ONNX, golden vectors, manifest) and check it against PyTorch."""
     from kt_edge.stages.export import export
 
-    export(_recipe(recipe, set_))
+    with _locked_recipe(recipe, set_, "export") as loaded:
+        export(loaded)
 
 
 data_app = typer.Typer(help="Prepare data for fast training.", no_args_is_help=True)

@@ -29,6 +29,10 @@ class TrainingError(KtEdgeError):
     """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""
 
 
+class RunDirBusy(KtEdgeError):
+    """Another command holds the run directory: nothing was read or written."""
+
+
 class Interrupted(KtEdgeError):
     """SIGINT or SIGTERM: finished work (a resume point, finished shards, whole artifacts) is kept."""
 

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kt_edge.atomic import atomic_path, write_json
+from kt_edge.data.workers import ignore_stop_signals
 from kt_edge.engine.device import resolve_device
 from kt_edge.errors import DataError
 
@@ -71,6 +72,7 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
 
 

@@ -152,3 +152,63 @@ def test_run_skips_finished_stages_and_ends_with_both_tables(trained_run):
     for stage in ("teacher", "student", "eval", "export"):
         assert f"{stage}: up to date" in again.output
     assert again.output.count("PASS") == result.output.count("PASS")
+
+
+def test_a_killed_exports_temp_files_are_removed_by_the_next_export(trained_run):
+    recipe, run_dir, _ = trained_run
+    bundle = run_dir / "bundle"
+    (bundle / "manifest.json").unlink()  # a killed export: its first act is to drop the manifest
+    left = [bundle / ".model.fp32.onnx.k1ll3d.tmp", bundle / "golden" / ".inputs.npy.k1ll3d.tmp"]
+    for path in left:
+        path.write_bytes(b"half an export")
+    result = invoke("export", recipe)
+    assert result.exit_code == 0, result.output
+    assert not [path for path in left if path.exists()]
+    assert load_bundle(bundle).verified
+
+
+def _imported_teacher(tmp_path, tiny_recipe):
+    import torch
+
+    from kt_edge.models.backbones import build_backbone
+
+    weights = tmp_path / "teacher.pth"
+    torch.save(build_backbone("alexnet", 32).state_dict(), weights)
+    return tiny_recipe(teacher={"arch": "alexnet", "checkpoint": str(weights)}), weights
+
+
+def test_a_failed_command_leaves_the_runs_recipe_as_it_was(tmp_path, tiny_recipe):
+    import yaml
+
+    recipe, _ = _imported_teacher(tmp_path, tiny_recipe)
+    saved = tmp_path / "runs" / "tiny" / "recipe.yaml"
+    assert invoke("train-teacher", recipe).exit_code == 0
+    before = saved.read_text()
+    typo = tmp_path / "data" / "tset"
+    result = invoke("eval", recipe, "-s", f"data.test.path={typo}")
+    assert result.exit_code == 2 and f"data folder not found: {typo}" in result.output
+    assert saved.read_text() == before  # report and compare read the run's recipe: no typo there
+    result = invoke("train-teacher", recipe, "-s", "export.golden=2")  # succeeds (up to date): recorded
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(saved.read_text())["export"]["golden"] == 2
+
+
+def test_user_errors_are_plain_text(tmp_path, tiny_recipe):
+    """Brackets in an error are text, never rich markup: a path with `[/...]`, a list of missing keys."""
+    import torch
+
+    from kt_edge.models.backbones import build_backbone
+
+    odd = tmp_path / "[" / "x]" / "[bold]train"
+    result = invoke("train-teacher", tiny_recipe(data={"train": {"path": str(odd)}}))
+    assert result.exit_code == 2
+    assert result.output == f"error: data folder not found: {odd}\n"
+
+    state = build_backbone("alexnet", 32).state_dict()
+    first = next(iter(state))
+    state["body.extra"] = state.pop(first)
+    weights = tmp_path / "teacher.pth"
+    torch.save(state, weights)
+    result = invoke("train-teacher", tiny_recipe(teacher={"arch": "alexnet", "checkpoint": str(weights)}))
+    assert result.exit_code == 2
+    assert f"missing [{first}]; unexpected [body.extra]" in result.output, result.output

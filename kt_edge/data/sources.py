@@ -6,7 +6,10 @@ warning (or refused in strict mode), so an epoch never dies on a bad file.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +123,34 @@ def _scan(files: list[tuple[Path, int]], strict: bool) -> Scan:
     return scan
 
 
-def _files_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+@dataclass
+class Listing:
+    """What scanning a tree found besides its images: entries that cannot be used, with the reason."""
+    files: list[tuple[Path, str]]  # dangling symlinks, symlink loops, entries that cannot be looked at
+    folders: list[tuple[Path, str]]  # folders that cannot be read
+
+
+def _entries(folder: Path, listing: Listing) -> tuple[list[Path], list[Path]]:
+    """A folder's visible files and sub-folders, sorted; what cannot be used goes into ``listing``."""
+    try:
+        paths = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        listing.folders.append((folder, f"folder not readable: {exc.strerror}"))
+        return [], []
+    files, folders = [], []
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            why = ("symlink loop" if exc.errno == errno.ELOOP else "dangling symlink" if path.is_symlink()
+                   else f"not readable: {exc.strerror}")
+            listing.files.append((path, why))
+            continue
+        if stat.S_ISREG(mode):
+            files.append(path)
+        elif stat.S_ISDIR(mode):
+            folders.append(path)
+    return files, folders
 
 
 def detect_format(path: Path) -> str:
@@ -138,28 +167,42 @@ def open_images(path: Path | str, format: str = "auto", split: str = "train", su
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"data folder not found: {path}")
+    try:
+        os.scandir(path).close()
+    except OSError as exc:
+        raise DataError(f"{path}: the data folder cannot be read ({exc.strerror})") from None
     format = detect_format(path) if format == "auto" else format
     if format == "cifar10":
         dataset = _open_cifar10(path, split)
     else:
+        listing = Listing([], [])
+        top_files, top_folders = _entries(path, listing)
         if format == "imagefolder":
-            classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+            classes = [folder.name for folder in top_folders]
             if not classes:
                 raise DataError(f"{path}: no class folders (expected <class>/<image> for an ImageFolder tree)")
-            files = [(f, label) for label, name in enumerate(classes) for f in _files_in(path / name)]
+            files = [(f, label) for label, folder in enumerate(top_folders) for f in _entries(folder, listing)[0]]
         else:
             classes = []
-            files = [(f, UNLABELLED) for f in _files_in(path)]
+            files = [(f, UNLABELLED) for f in top_files]
+        if strict and (listing.folders or listing.files):
+            where, why = (listing.folders or listing.files)[0]
+            raise DataError(f"{where}: {why} (strict mode; drop `strict` to skip bad files)")
         if subset is not None and subset < len(files):
             # Subset before the scan so opening a big folder for a small run stays fast.
             keep = np.sort(np.random.default_rng(seed).choice(len(files), subset, replace=False))
             files = [files[i] for i in keep]
             subset = None
         scan = _scan(files, strict)
-        if scan.bad:
-            examples = ", ".join(f"{p.name} ({why})" for p, why in scan.bad[:3])
-            warnings.warn(f"{path}: skipped {len(scan.bad)} unreadable file(s) of {len(files)}: {examples}",
-                          stacklevel=2)
+        bad_files = listing.files + scan.bad
+        if bad_files or listing.folders:
+            counts = []
+            if bad_files:
+                counts.append(f"{len(bad_files)} unreadable file(s) of {len(files) + len(listing.files)}")
+            if listing.folders:
+                counts.append(f"{len(listing.folders)} unreadable folder(s)")
+            examples = ", ".join(f"{p.name} ({why})" for p, why in (listing.folders + bad_files)[:3])
+            warnings.warn(f"{path}: skipped {' and '.join(counts)}: {examples}", stacklevel=2)
         dataset = FileImages(scan.paths, scan.labels, classes, name=str(path))
         if files and not scan.paths:
             raise DataError(f"{path}: none of its {len(files)} file(s) is a readable image")

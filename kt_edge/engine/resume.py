@@ -9,13 +9,13 @@ negatives, and a resumed run must equal an uninterrupted one.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 
 from kt_edge import atomic
 from kt_edge.errors import CheckpointError, KtEdgeError, TrainingError
+from kt_edge.models.checkpoint import load_torch_file
 
 RESUME = "resume.pt"
 KEYS = {"method", "optimizer", "rng", "step", "fingerprint"}
@@ -43,18 +43,14 @@ def check_finite(method: torch.nn.Module, stage: str, step: int, folder: Path) -
 
 def write(path: Path, method: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, device: torch.device,
           fingerprint: str, images: int) -> None:
-    with atomic.atomic_path(path) as tmp:
+    with atomic.atomic_file(path) as handle:  # a full disk surfaces as the OSError it is
         torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "fingerprint": fingerprint, "images": images, **rng_state(device)}, tmp)
+                    "fingerprint": fingerprint, "images": images, **rng_state(device)}, handle)
 
 
 def read(path: Path, fingerprint: str, images: int) -> dict:
     """A resume point made from these inputs, loaded with weights_only=True: a planted pickle cannot run code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable resume point ({exc.__class__.__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0]}); delete it and run without --resume") from None
+    state = load_torch_file(path, "resume point", advice="delete it and run without --resume")
     if not isinstance(state, dict) or not KEYS <= set(state):
         raise CheckpointError(f"{path}: not a kt-edge resume point (expected the keys {', '.join(sorted(KEYS))})")
     if state.get("fingerprint", "") != fingerprint or state.get("images", images) != images:

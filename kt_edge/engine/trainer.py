@@ -19,7 +19,6 @@ rank 0 alone writes files.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -33,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kt_edge import atomic
 from kt_edge.data.feed import TrainingFeed
 from kt_edge.engine import distributed, resume as resume_point
+from kt_edge.engine.metrics import MetricsLog
 from kt_edge.engine.precision import autocast
 from kt_edge.engine.resume import RESUME
 from kt_edge.errors import DataError, Interrupted, KtEdgeError, TrainingError
@@ -154,7 +154,7 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
         if main:
             resume_point.write(path, method, optimizer, step, device, fingerprint, len(dataset))
 
-    log = open(metrics_path, "a", buffering=1) if metrics_path and main else None  # line-buffered: `tail -f` works
+    log = MetricsLog(metrics_path) if metrics_path and main else None
     progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), disable=not main)
     started, saved = time.monotonic(), clock()
@@ -191,9 +191,8 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
                                             f"the last resume point in {out_dir} is kept")
                     progress.update(task, completed=step, loss=loss_value)
                     if log:
-                        log.write(json.dumps({"stage": stage, "step": step, "epoch": epoch,
-                                              "lr": optimizer.param_groups[0]["lr"], "time": time.time(),
-                                              **scalars}) + "\n")
+                        log.write({"stage": stage, "step": step, "epoch": epoch,
+                                   "lr": optimizer.param_groups[0]["lr"], "time": time.time(), **scalars})
                     if step_due or flags["checkpoint"] or flags["stop"] or step == total:
                         save()
                         saved = clock()

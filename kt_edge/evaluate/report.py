@@ -13,7 +13,6 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
 from kt_edge import atomic
+from kt_edge.engine.metrics import read_records
 from kt_edge.errors import DataError, KtEdgeError
 from kt_edge.evaluate.compare import (
     describe,
@@ -91,18 +91,13 @@ def read_curves(path: Path) -> dict[str, list[dict]]:
     A resumed stage logs some steps again: the later record of a step wins.
     """
     stages: dict[str, dict[int, dict]] = {}
-    with open(path) as lines:
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "stage" not in record:
-                continue
-            steps = stages.setdefault(str(record["stage"]), {})
-            if record["step"] == 1:
-                steps.clear()
-            steps[record["step"]] = record
+    for record in read_records(path):
+        if not isinstance(record.get("step"), int) or "stage" not in record:
+            continue
+        steps = stages.setdefault(str(record["stage"]), {})
+        if record["step"] == 1:
+            steps.clear()
+        steps[record["step"]] = record
     return {stage: [steps[s] for s in sorted(steps)] for stage, steps in stages.items() if steps}
 
 

@@ -8,6 +8,8 @@ sidecar holds a complete checkpoint.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ def save_backbone(backbone: Backbone, folder: Path, projection: torch.nn.Sequent
         provenance["projection"] = head_spec(projection)
     # An old sidecar would vouch for the new weights if we stopped between the two writes.
     (folder / SIDECAR).unlink(missing_ok=True)
-    with atomic.atomic_path(folder / WEIGHTS) as tmp:
+    with atomic.atomic_path(folder / WEIGHTS) as tmp, atomic.os_errors():
         save_file(state, str(tmp))
     atomic.write_json(folder / SIDECAR, {
         "arch": backbone.arch,
@@ -61,6 +63,25 @@ def read_sidecar(folder: Path) -> dict | None:
     except ValueError:  # not JSON, or not UTF-8
         return None
     return card if isinstance(card, dict) else None
+
+
+def load_torch_file(path: Path, what: str, advice: str = "", allowed: tuple[type, ...] = ()) -> object:
+    """A torch file read with ``weights_only=True``, so loading it runs no code. A pickle that holds more than
+    tensors, containers and plain values (``allowed`` adds classes) is refused, naming the global it would call."""
+    advice = f"; {advice}" if advice else ""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch words it "Unsupported global: GLOBAL x.y", or "unsupported GLOBAL x.y whose module x is blocked"
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        if found:
+            raise CheckpointError(f"{path}: refused, the pickle holds more than weights: it would call "
+                                  f"{found.group(1)}; kt-edge will not load it{advice}") from None
+        raise CheckpointError(f"{path}: not a readable {what} (the pickle is damaged or not one){advice}") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} ({exc.__class__.__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0]}){advice}") from None
 
 
 def load_backbone(folder: Path) -> tuple[Backbone, dict]:

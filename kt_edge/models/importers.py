@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
-import re
 from pathlib import Path
 
 import torch
@@ -33,7 +31,7 @@ from torch import nn
 from kt_edge.data.augment import MEAN, STD
 from kt_edge.errors import CheckpointError
 from kt_edge.models.backbones import Backbone, at_layer, build_backbone
-from kt_edge.models.checkpoint import PROJECTION, SIDECAR, load_backbone, load_projection, load_weights
+from kt_edge.models.checkpoint import PROJECTION, SIDECAR, load_backbone, load_projection, load_torch_file, load_weights
 from kt_edge.models.heads import build_head, head_from_state
 from kt_edge.models.timm_teacher import TimmTeacher, build_timm
 
@@ -103,21 +101,9 @@ def read_checkpoint(path: Path) -> object:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    try:
-        # Official checkpoints (DINO's) store their training arguments as an argparse.Namespace:
-        # a plain attribute holder, safe to allow.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch words it "Unsupported global: GLOBAL x.y", or "unsupported GLOBAL x.y whose module x is blocked"
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
-        if found:
-            raise CheckpointError(f"{path}: refused, the pickle holds more than weights: it would call "
-                                  f"{found.group(1)} (read with weights_only=True)") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (the pickle is damaged or not one)") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    # Official checkpoints (DINO's) store their training arguments as an argparse.Namespace:
+    # a plain attribute holder, safe to allow.
+    return load_torch_file(path, "checkpoint", allowed=(argparse.Namespace,))
 
 
 def _unwrap(obj: object, *keys: str) -> object:

@@ -43,7 +43,15 @@ class TimmTeacher(nn.Module):
 
 
 def build_timm(name: str, image_size: int, mean=MEAN, std=STD) -> TimmTeacher:
-    """An untrained timm model (``pretrained=False``: nothing is downloaded) wrapped as a teacher."""
+    """An untrained timm model (``pretrained=False``: nothing is downloaded) wrapped as a teacher.
+
+    A name with a scheme (``hf-hub:org/model``) makes timm fetch the model's config from the hub even with
+    ``pretrained=False``: refused, so no code path reaches the network.
+    """
+    if ":" in name:
+        raise CheckpointError(f"timm teacher {name!r}: a hub reference, which timm would download; kt-edge reads "
+                              "local files only: name the timm architecture in config.json (e.g. "
+                              "\"vit_small_patch16_224\") and keep its weights beside it")
     try:
         import timm
     except ImportError:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kt_edge_runtime.bundle import BundleError, Manifest, load_bundle
 
+from kt_edge import atomic
 from kt_edge.errors import CheckpointError
 from kt_edge.models.checkpoint import read_sidecar
 from kt_edge.recipe import Recipe
@@ -22,6 +23,8 @@ def export(recipe: Recipe) -> dict:
     if card is None:
         raise CheckpointError(f"no student in {student_dir}: run `kt-edge distill` first")
     bundle_dir, inputs = run_dir / "bundle", export_inputs(recipe)
+    for folder in (bundle_dir, bundle_dir / "golden"):
+        atomic.remove_temps(folder)  # what a killed export was writing
     done = _verified_bundle(bundle_dir)
     if done is not None and done.provenance.get("inputs") == inputs:
         console.print(f"export: up to date in {bundle_dir}")

@@ -20,17 +20,28 @@ from kt_edge.recipe import Recipe
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths are printed as they are, brackets included
+
+RECIPE = "recipe.yaml"
 
 
 def prepare(recipe: Recipe) -> Path:
-    """Join torchrun's process group if there is one; create the run directory and record the resolved recipe."""
+    """Join torchrun's process group if there is one; create the run directory, with the resolved recipe when
+    it is a new run (an existing run's recipe is rewritten only by a command that succeeded: record_recipe)."""
     distributed.init_from_env(recipe.device)
     run_dir = recipe.run_dir
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        if not (run_dir / RECIPE).is_file():
+            atomic.write_text(run_dir / RECIPE, recipe.to_yaml())
     return run_dir
+
+
+def record_recipe(recipe: Recipe) -> None:
+    """Make the run's recipe.yaml the recipe of a command that succeeded (what report and compare read)."""
+    path, text = recipe.run_dir / RECIPE, recipe.to_yaml()
+    if distributed.is_main() and recipe.run_dir.is_dir() and not (path.is_file() and path.read_text() == text):
+        atomic.write_text(path, text)
 
 
 def training_images(recipe: Recipe, source=None) -> Images:

@@ -135,3 +135,61 @@ def test_a_mixed_folder_goes_through_a_whole_training_epoch(tmp_path):
     batches = [x for x, _ in loader]
     assert sum(len(x) for x in batches) == 9
     assert all(x.shape[1:] == (3, 32, 32) and torch.isfinite(x).all() for x in batches)
+
+
+def _messy_tree(root: Path) -> Path:
+    """An ImageFolder tree with a readable class (ten images, a dangling link, a symlink loop) and a class
+    folder nobody may read."""
+    for name in ("readable", "locked"):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            _noise().save(root / name / f"{i}.png")
+    (root / "readable" / "gone.png").symlink_to(root / "nowhere.png")
+    (root / "readable" / "loop.png").symlink_to(root / "readable" / "loop.png")
+    (root / "locked").chmod(0)
+    return root
+
+
+def _train_on(tmp_path, tree: Path):
+    """One training step of a small teacher on ``tree``, in a process that file permissions bind."""
+    import yaml
+
+    from process_kit import kt_edge, without_dac_override
+    from sample_kit import tiny_recipe_dict
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", data={"train": {"path": str(tree)}}, teacher={
+        "arch": "alexnet", "method": "moco", "options": {"queue": 8, "hidden": 16, "dim": 8},
+        "train": {"epochs": 1, "max_steps": 1, "batch_size": 8, "checkpoint_every": 1}})))
+    return kt_edge("train-teacher", recipe, prefix=without_dac_override())
+
+
+def test_unreadable_folders_and_broken_links_are_skipped_and_counted_in_one_warning(tmp_path):
+    from process_kit import error_lines, finish
+
+    tree = _messy_tree(tmp_path / "[" / "x]")  # brackets: the warning is plain text too
+    try:
+        code, err = finish(_train_on(tmp_path, tree))
+    finally:
+        (tree / "locked").chmod(0o755)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tree}: skipped 2 unreadable file(s) of 12 and 1 unreadable folder(s): locked "
+                        "(folder not readable: Permission denied), gone.png (dangling symlink), loop.png (symlink "
+                        "loop)"], err
+    assert not error_lines(err)
+    assert (tmp_path / "runs" / "tiny" / "teacher" / "model.json").is_file()
+
+
+def test_an_unreadable_data_folder_is_one_error_line(tmp_path):
+    from process_kit import error_lines, finish
+
+    tree = _messy_tree(tmp_path / "tree")
+    tree.chmod(0)
+    try:
+        code, err = finish(_train_on(tmp_path, tree))
+    finally:
+        tree.chmod(0o755)
+        (tree / "locked").chmod(0o755)
+    assert code == 2, err
+    assert error_lines(err) == [f"error: {tree}: the data folder cannot be read (Permission denied)"], err

@@ -4,6 +4,7 @@ artifact is never vouched for by a half-written one, and the stage can be run ag
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 from pathlib import Path
@@ -157,3 +158,103 @@ def test_bundle_manifest(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         write_manifest(tmp_path, manifest)
     assert files_in(tmp_path) == before
+
+
+# ---------------------------------------------------------------- a real full disk, through the CLI
+# torch.save reports a full disk as "RuntimeError: ... unexpected pos" and safetensors as "SafetensorError ...
+# (os error 28)": both must still be told as the full disk they are, in one line.
+
+DISK_FULL = ("error: out of disk space (No space left on device); nothing partial was kept: free space and run "
+             "the same command again (with --resume for training)")
+
+
+def _recipe_on(tmp_path: Path, **sections) -> tuple[Path, Path]:
+    import yaml
+
+    from sample_kit import tiny_recipe_dict
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(runs, **sections)))
+    return recipe, runs
+
+
+def test_a_full_tmpfs_during_the_resume_point_is_one_line(tmp_path):
+    from process_kit import error_lines, on_tmpfs
+
+    recipe, runs = _recipe_on(tmp_path, teacher={"arch": "alexnet", "options": {"queue": 32, "hidden": 32, "dim": 16},
+                                                 "train": {"max_steps": 2, "batch_size": 16, "checkpoint_every": 1}})
+    code, err, files = on_tmpfs(runs, "1m", "train-teacher", recipe)
+    assert code == 1, err
+    assert error_lines(err) == [DISK_FULL], err
+    assert files == ["tiny/metrics.jsonl", "tiny/recipe.yaml"]  # no resume point, whole or half, and no temp file
+
+
+def test_a_full_tmpfs_during_model_safetensors_is_one_line(tmp_path):
+    from process_kit import error_lines, on_tmpfs
+
+    weights = tmp_path / "teacher.pth"
+    torch.save(build_backbone("alexnet", 32).state_dict(), weights)  # 9 MiB of weights for a 1 MiB disk
+    recipe, runs = _recipe_on(tmp_path, teacher={"arch": "alexnet", "checkpoint": str(weights)})
+    code, err, files = on_tmpfs(runs, "1m", "train-teacher", recipe)
+    assert code == 1, err
+    assert error_lines(err) == [DISK_FULL], err
+    assert files == ["tiny/recipe.yaml"]
+
+
+# The same two writers with the disk patched, where no tmpfs can be mounted.
+
+class _AlmostFullDisk(io.FileIO):
+    """A file on a disk with 100 bytes free."""
+
+    def write(self, data) -> int:
+        room = max(0, 100 - self.tell())
+        if len(data) > room:
+            super().write(bytes(data[:room]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_torch_save_into_a_full_file_raises_the_os_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "open", lambda path, mode: _AlmostFullDisk(path, mode.replace("b", "")),
+                        raising=False)
+    with pytest.raises(OSError, match="No space left") as caught:  # not torch's "unexpected pos"
+        with atomic.atomic_file(tmp_path / RESUME) as handle:
+            torch.save({"w": torch.zeros(1000)}, handle)
+    assert caught.value.errno == errno.ENOSPC
+    assert files_in(tmp_path) == set()
+
+
+def test_safetensors_reporting_os_error_28_raises_the_os_error(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*_args, **_kwargs):  # the text safetensors gives on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError, match="No space left") as caught:
+        checkpoint.save_backbone(build_backbone("alexnet", 32), tmp_path)
+    assert caught.value.errno == errno.ENOSPC
+    assert files_in(tmp_path) == set()
+
+
+def test_metrics_log_keeps_whole_lines_when_the_disk_fills_in_a_record(tmp_path, monkeypatch):
+    from kt_edge.engine import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    log = metrics.MetricsLog(path)
+    log.write({"stage": "teacher", "step": 1})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics.os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        log.write({"stage": "teacher", "step": 2})
+    monkeypatch.undo()
+    log.write({"stage": "teacher", "step": 2})  # space was freed
+    log.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

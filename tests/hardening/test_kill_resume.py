@@ -4,6 +4,8 @@ SIGKILL gives no warning: whatever the process was doing (a step, writing a resu
 short, and `--resume` must continue from the last complete resume point. SIGTERM and SIGINT are
 the polite stops of a pre-empted machine: a resume point is written at once and the process exits
 130 saying how to go on (SIGINT takes the same path; test_training_faults sends it in-process).
+Schedulers send SIGTERM to the whole process group, DataLoader workers included, and SIGKILL after
+a grace period that a long step may outlast.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from kt_edge.evaluate.report import read_curves
+
+from process_kit import alive, children, error_lines, under_timeout, wait_until
 from sample_kit import REPO, SAMPLE, tiny_recipe_dict
 
 STEPS = 8
@@ -174,3 +179,63 @@ def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_trainin
     written = (out / "model.safetensors").stat().st_mtime_ns
     teacher.train_teacher(recipe, resume=True)  # complete: not redone
     assert (out / "model.safetensors").stat().st_mtime_ns == written
+
+
+def _workers_of(scheduled: subprocess.Popen, run_dir: Path, step: int) -> tuple[int, list[int]]:
+    """Under `timeout`: the kt-edge process and its two DataLoader workers, once it has logged ``step``."""
+    wait_until(lambda: max(logged_steps(run_dir), default=0) >= step, f"step {step}", scheduled)
+    main = wait_until(lambda: children(scheduled.pid), "the kt-edge process", scheduled)[0]
+
+    def two_workers():
+        found = children(main)
+        return found if len(found) == 2 else None
+
+    return main, wait_until(two_workers, "two workers", scheduled)
+
+
+def test_sigterm_to_the_process_group_with_workers_stops_in_one_line_and_resumes_to_the_same_result(
+        tmp_path, reference):
+    recipe, run_dir = write_recipe(tmp_path), tmp_path / "runs" / "tiny"
+    scheduled = under_timeout("train-teacher", recipe, "-s", "data.workers=2")
+    _, workers = _workers_of(scheduled, run_dir, 3)
+    for worker in workers:  # a worker gets the signal first (or Ctrl-C's SIGINT): it must not die of it
+        os.kill(worker, signal.SIGINT)
+        os.kill(worker, signal.SIGTERM)
+    time.sleep(0.3)
+    assert all(alive(worker) for worker in workers)
+    scheduled.send_signal(signal.SIGTERM)  # timeout sends it on to kt-edge, then to the whole group
+    code, err = finish(scheduled)
+    assert code == 130, err
+    stopped = resume_step(run_dir)
+    assert 3 <= stopped < STEPS and max(logged_steps(run_dir)) == stopped
+    assert error_lines(err) == [f"error: teacher: stopped by SIGTERM at step {stopped}/{STEPS}; run the same "
+                                "command with --resume to continue"]
+    assert not any(alive(worker) for worker in workers)
+
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        log.write('{"stage": "teacher", "step": 9')  # half a record, as a kill in the middle of a write leaves
+    code, err = finish(start(recipe, "--resume", "-s", "data.workers=2"))
+    assert code == 0, err
+    assert_same_as_reference(run_dir, _reference_dir(reference))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["stage"] == "teacher" for line in lines)  # the half line was cut off, not glued
+    assert [r["step"] for r in read_curves(run_dir / "metrics.jsonl")["teacher"]] == list(range(1, STEPS + 1))
+
+
+def test_sigkill_following_sigterm_before_the_step_ends_keeps_the_last_resume_point(tmp_path, reference):
+    """A step longer than the grace period: SIGKILL lands while the stop is still pending."""
+    recipe, run_dir = write_recipe(tmp_path), tmp_path / "runs" / "tiny"
+    scheduled = under_timeout("train-teacher", recipe, "-s", "data.workers=2")
+    main, workers = _workers_of(scheduled, run_dir, 3)
+    scheduled.send_signal(signal.SIGTERM)
+    os.kill(main, signal.SIGKILL)  # the grace period is over
+    code, _ = finish(scheduled)
+    assert code in (-signal.SIGKILL, 128 + signal.SIGKILL)  # timeout passes the signal on, or its number
+    # the workers ignore SIGTERM, but not the end of their main process
+    wait_until(lambda: not any(alive(worker) for worker in workers), "the workers' end", timeout=30)
+    assert resume_step(run_dir) >= 2 and not (run_dir / "teacher" / "model.json").exists()
+
+    code, err = finish(start(recipe, "--resume"))
+    assert code == 0, err
+    assert "took over the lock of `kt-edge train-teacher`" in err  # the killed command could not release it
+    assert_same_as_reference(run_dir, _reference_dir(reference))

@@ -150,7 +150,10 @@ def test_a_planted_resume_point_is_refused_without_running_it(tmp_path):
                 "fingerprint": ""}, out / RESUME)
     result = CliRunner().invoke(app, ["train-teacher", str(recipe), "--resume"])
     assert result.exit_code == 2, result.output
-    assert "not a readable resume point" in result.output and "delete it" in result.output
+    # the global it would have called, and that it will not be loaded: not torch's advice to load it unsafely
+    assert "refused, the pickle holds more than weights: it would call posix.system; kt-edge will not load it" \
+        in result.output and "delete it" in result.output
+    assert "weights_only=False" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not marker.exists()
     torch.load(out / RESUME, weights_only=False)  # what loading it without weights_only would have done
     assert marker.exists()
@@ -175,3 +178,22 @@ def test_a_resume_point_for_another_number_of_images_is_refused(tmp_path, data):
     fewer = open_images(SAMPLE / "train", subset=32, seed=0)
     with pytest.raises(KtEdgeError, match="the recipe or the images changed"):
         _train(tmp_path, _method(len(fewer)), fewer, steps=2, resume=True)
+
+
+def test_a_stage_resumed_with_no_step_left_writes_strict_json(tmp_path):
+    """Killed between the last resume point and the end: the resumed stage ran no step, so it has no loss to
+    record; model.json says null (JSON has no NaN)."""
+    import json
+
+    recipe, out = _recipe(tmp_path, lr=0.05)
+    assert CliRunner().invoke(app, ["train-teacher", str(recipe), "-s", "teacher.train.max_steps=2"]).exit_code == 0
+    for name in ("model.json", "model.safetensors"):  # what the kill left: the resume point alone
+        (out / name).unlink()
+    result = CliRunner().invoke(app, ["train-teacher", str(recipe), "-s", "teacher.train.max_steps=2", "--resume"])
+    assert result.exit_code == 0, result.output
+
+    def not_json(constant):
+        raise AssertionError(f"model.json holds {constant}, which is not JSON")
+
+    card = json.loads((out / "model.json").read_text(), parse_constant=not_json)
+    assert card["steps"] == 2 and card["final_loss"] is None

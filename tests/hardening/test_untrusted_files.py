@@ -196,3 +196,31 @@ def test_a_tampered_bundle_file_is_refused_before_any_use(bundle, tmp_path, sess
     assert f"bundle file {tampered} does not match its sha256" in capsys.readouterr().err
     assert sessions == []  # no model was loaded, let alone run
     assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.parametrize("layout", ["timm config.json", "kt-edge sidecar"])
+def test_a_timm_hub_reference_is_refused_before_timm_is_called(tmp_path, monkeypatch, layout):
+    """timm fetches a "hf-hub:..." model's config from the hub even with pretrained=False: never called."""
+    import json
+    import sys
+    import types
+
+    from safetensors.torch import save_file
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=lambda *a, **k: calls.append(a)))
+    hub = "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
+    if layout == "timm config.json":
+        (folder / "config.json").write_text(json.dumps({"architecture": hub}))
+    else:
+        (folder / SIDECAR).write_text(json.dumps({"arch": f"timm/{hub}", "image_size": 32}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", teacher={"checkpoint": str(folder)})))
+    result = CliRunner().invoke(app, ["train-teacher", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: timm teacher '{hub}': a hub reference, which timm would download")
+    assert len(result.output.strip().splitlines()) == 1
+    assert calls == []
