@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kt_edge.atomic import atomic_path, write_json
-from kt_edge.data.workers import ignore_stop_signals
+from kt_edge.data.workers import worker_options
 from kt_edge.engine.device import resolve_device
 from kt_edge.errors import DataError
 
@@ -69,10 +69,9 @@ def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.devic
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        worker_init_fn=ignore_stop_signals,
+        **worker_options(workers),
     )
 
 

@@ -33,7 +33,7 @@ from torchvision.transforms import functional as TF
 
 from kt_edge.atomic import atomic_path, write_json
 from kt_edge.data.sources import Images, open_source
-from kt_edge.data.workers import ignore_stop_signals
+from kt_edge.data.workers import worker_options
 from kt_edge.engine import distributed
 from kt_edge.errors import DataError
 
@@ -147,7 +147,7 @@ def build_cache(images: Images, folder: Path | str, image_size: int, fingerprint
     array = np.load(folder / PARTIAL, mmap_mode="r+")
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(images.with_transform(_Decode(image_size)), range(done, hi)),
-        batch_size=chunk, num_workers=workers, shuffle=False, worker_init_fn=ignore_stop_signals)
+        batch_size=chunk, shuffle=False, **worker_options(workers))
     bar = Progress(TextColumn("[bold]cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not (progress and distributed.is_main()))
     with bar:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kt_edge.data.gpu_augment import BatchAugment
-from kt_edge.data.workers import ignore_stop_signals
+from kt_edge.data.workers import worker_options
 from kt_edge.engine import distributed
 from kt_edge.errors import DataError
 
@@ -149,8 +149,8 @@ class TrainingFeed:
         self.device, self.memory_format = device, memory_format
         self.sampler = EpochSampler(len(dataset), seed, rank=distributed.rank(), world=distributed.world_size(),
                                     batch_size=batch_size)
-        common = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      worker_init_fn=ignore_stop_signals,  # the main process handles a stop
+        common = dict(pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      **worker_options(workers),  # the main process handles a stop
                       generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
         if augment == "batched":
             self.augment = BatchAugment.from_transform(transform)

@@ -3,9 +3,14 @@ DataLoader workers ignore it and the stage stops with one line (training: test_k
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 
+import pytest
 import yaml
+
+from kt_edge.data import workers
 
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import save_backbone
@@ -28,3 +33,24 @@ def test_eval_with_workers_stops_in_one_line(tmp_path):
     assert error_lines(err) == ["error: stopped by SIGTERM; finished work (whole artifacts, feature shards) is "
                                 "kept: run the same command again to go on"], err
     assert not (tmp_path / "runs" / "tiny" / "eval" / "results.json").exists()
+
+
+def _init_late(ready) -> None:
+    """A worker whose ``worker_init_fn`` runs only after its stop signal has arrived."""
+    time.sleep(1.0)
+    workers.ignore_stop_signals(0)
+    ready.set()
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize("stop", workers.STOP_SIGNALS)
+def test_a_stop_signal_between_fork_and_worker_init_is_discarded(stop):
+    """The test above once failed when the group's SIGTERM reached a worker before its worker_init_fn."""
+    context = workers.worker_options(1)["multiprocessing_context"]
+    ready = context.Event()
+    worker = context.Process(target=_init_late, args=(ready,))
+    worker.start()
+    assert stop not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the main process still hears it
+    os.kill(worker.pid, stop)
+    worker.join(10)
+    assert worker.exitcode == 0 and ready.is_set()

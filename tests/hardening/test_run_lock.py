@@ -21,7 +21,8 @@ from process_kit import error_lines, finish, kt_edge, wait_until
 from sample_kit import SAMPLE, tiny_recipe_dict
 
 TEACHER = {"arch": "alexnet", "method": "moco", "options": {"queue": 32, "hidden": 32, "dim": 16},
-           "train": {"epochs": 500, "max_steps": 1000, "batch_size": 16, "lr": 0.05, "checkpoint_every": 1000}}
+           "train": {"epochs": 500, "max_steps": 1000, "batch_size": 16, "lr": 0.05, "checkpoint_every": 1000,
+                     "log_every": 1}}
 
 
 def test_a_second_command_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tmp_path):

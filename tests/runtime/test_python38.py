@@ -7,10 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import kt_edge_runtime
-
-PACKAGE = Path(kt_edge_runtime.__file__).resolve().parent
-PYPROJECT = PACKAGE.parent / "pyproject.toml"
+EXPORT = Path(__file__).resolve().parents[2] / "export"  # the source tree: an installed copy has no pyproject
+PACKAGE = EXPORT / "kt_edge_runtime"
+PYPROJECT = EXPORT / "pyproject.toml"
 
 
 def test_runtime_needs_nothing_newer_than_python_3_8():
