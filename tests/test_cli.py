@@ -54,6 +54,7 @@ def test_bundle_is_verified_and_hash_checked(trained_run):
     assert fp32["passed"] and fp32["golden"]["min_cosine"] >= 0.99999
     assert abs(fp32["accuracy"]["drop"]) <= 1.0
     assert manifest.input.shape == (3, 32, 32) and manifest.output.dim == 256
+    assert manifest.provenance["teacher_space"] == "head"  # SEED distils the MoCo teacher's projection
     # parity over the whole labelled test split, its cosine distribution recorded
     cosine = fp32["split"]["cosine"]
     assert fp32["split"]["passed"] and cosine["images"] == fp32["split"]["samples"] == 128  # the whole subset

@@ -30,7 +30,7 @@ def write_parts(folder: Path, out: Path, weights: str, sidecar: str, max_bytes: 
     tensors in fp16; ``provenance`` is added to the sidecar. Returns the files written."""
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(folder / weights)).items()}
     out.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(out / weights) as tmp:
+    with atomic.atomic_path(out / weights) as tmp, atomic.os_errors():
         save_file(state, str(tmp))
         data = tmp.read_bytes()
     (out / weights).unlink()
