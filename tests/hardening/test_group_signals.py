@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -36,21 +38,47 @@ def test_eval_with_workers_stops_in_one_line(tmp_path):
 
 
 def _init_late(ready) -> None:
-    """A worker whose ``worker_init_fn`` runs only after its stop signal has arrived."""
+    """A worker whose ``worker_init_fn`` runs only after a stop signal has arrived."""
     time.sleep(1.0)
-    workers.ignore_stop_signals(0)
+    workers.take_stop_signals(0)
+    time.sleep(0.5)
     ready.set()
-    time.sleep(0.2)
 
 
 @pytest.mark.parametrize("stop", workers.STOP_SIGNALS)
-def test_a_stop_signal_between_fork_and_worker_init_is_discarded(stop):
-    """The test above once failed when the group's SIGTERM reached a worker before its worker_init_fn."""
+def test_a_stop_signal_from_anyone_but_the_main_process_is_dropped_even_before_worker_init(stop):
+    """The eval test above once failed when the group's SIGTERM reached a worker before its worker_init_fn."""
     context = workers.worker_options(1)["multiprocessing_context"]
     ready = context.Event()
     worker = context.Process(target=_init_late, args=(ready,))
     worker.start()
     assert stop not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the main process still hears it
-    os.kill(worker.pid, stop)
+    subprocess.run(["kill", f"-{stop.name[3:]}", str(worker.pid)], check=True)  # as a scheduler would
     worker.join(10)
     assert worker.exitcode == 0 and ready.is_set()
+
+
+def test_the_main_process_sigterm_ends_a_worker_cleanly():
+    context = workers.worker_options(1)["multiprocessing_context"]
+    worker = context.Process(target=_init_late, args=(context.Event(),))
+    worker.start()
+    time.sleep(1.2)
+    worker.terminate()  # what multiprocessing's exit handler and torch's shutdown send
+    worker.join(10)
+    assert worker.exitcode == 0
+
+HOLDS_LIVE_WORKERS = """
+import torch
+from kt_edge.data.workers import worker_options
+loader = torch.utils.data.DataLoader(torch.arange(8), batch_size=2, persistent_workers=True, **worker_options(2))
+batches = iter(loader)
+next(batches)
+print("ready", flush=True)
+"""
+
+
+def test_a_process_that_still_holds_live_workers_exits():
+    """Once, a test kept a feed's persistent workers alive to the end: Python's exit handler sent them SIGTERM,
+    which they ignore, and waited for them forever."""
+    proc = subprocess.run([sys.executable, "-c", HOLDS_LIVE_WORKERS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "ready\n", proc.stderr
