@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import kmeans as kmeans_benchmark  # noqa: E402
 import quality  # noqa: E402
 import throughput  # noqa: E402
+
 from kt_edge.atomic import write_json, write_text  # noqa: E402
 from kt_edge.errors import Interrupted  # noqa: E402
 from kt_edge.models.checkpoint import SIDECAR, WEIGHTS, read_sidecar  # noqa: E402
@@ -95,16 +96,50 @@ class Scale:
     linear: dict | None = None  # eval.linear settings; None: the defaults (weight decay from a grid)
 
 
-GPU = Scale(data=REPO / "data" / "cifar10", train_subset=None, test_subset=None, batch=512, workers=12,
-            throughput={"sizes": [224, 32], "batch_224": 256, "batch_32": 512, "subset_224": 4096,
-                        "subset_32": 16384, "steps": 30, "warmup": 10, "extract_images": 8192},
-            kmeans={"n": 1_281_167, "dim": 2048, "k": 2000, "niter": 20}, export_subsets=(10000, 10000),
-            cluster_k=500, log_every=10)
-SMOKE = Scale(data=REPO / "data" / "sample" / "cifar10", train_subset=256, test_subset=64, batch=16, workers=0,
-              throughput={"sizes": [32], "batch_224": 2, "batch_32": 2, "subset_224": 16, "subset_32": 16,
-                          "steps": 2, "warmup": 1, "extract_images": 4},
-              kmeans={"n": 4096, "dim": 32, "k": 16, "niter": 5}, export_subsets=(256, 64), cluster_k=8,
-              log_every=1, step_cap=2, linear={"weight_decay": 1e-4, "max_iter": 50})
+GPU = Scale(
+    data=REPO / "data" / "cifar10",
+    train_subset=None,
+    test_subset=None,
+    batch=512,
+    workers=12,
+    throughput={
+        "sizes": [224, 32],
+        "batch_224": 256,
+        "batch_32": 512,
+        "subset_224": 4096,
+        "subset_32": 16384,
+        "steps": 30,
+        "warmup": 10,
+        "extract_images": 8192,
+    },
+    kmeans={"n": 1_281_167, "dim": 2048, "k": 2000, "niter": 20},
+    export_subsets=(10000, 10000),
+    cluster_k=500,
+    log_every=10,
+)
+SMOKE = Scale(
+    data=REPO / "data" / "sample" / "cifar10",
+    train_subset=256,
+    test_subset=64,
+    batch=16,
+    workers=0,
+    throughput={
+        "sizes": [32],
+        "batch_224": 2,
+        "batch_32": 2,
+        "subset_224": 16,
+        "subset_32": 16,
+        "steps": 2,
+        "warmup": 1,
+        "extract_images": 4,
+    },
+    kmeans={"n": 4096, "dim": 32, "k": 16, "niter": 5},
+    export_subsets=(256, 64),
+    cluster_k=8,
+    log_every=1,
+    step_cap=2,
+    linear={"weight_decay": 1e-4, "max_iter": 50},
+)
 
 
 class Campaign:
@@ -113,8 +148,12 @@ class Campaign:
     def __init__(self, out: Path, budget: float, scale: Scale, runs_dir: Path):
         self.out, self.budget, self.scale, self.runs_dir = out, budget, scale, runs_dir
         self.started = time.monotonic()
-        self.report = {"benchmark": "campaign", "budget_s": budget, "scale": "smoke" if scale is SMOKE else "gpu",
-                       "steps": {}}
+        self.report = {
+            "benchmark": "campaign",
+            "budget_s": budget,
+            "scale": "smoke" if scale is SMOKE else "gpu",
+            "steps": {},
+        }
         out.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
@@ -145,8 +184,9 @@ class Campaign:
         except Interrupted as exc:
             entry.update(status="stopped at the budget", error=str(exc))
         except Exception as exc:  # noqa: BLE001 - one step's failure must not cost the others
-            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                         traceback=traceback.format_exc()[-3000:])
+            entry.update(
+                status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:]
+            )
             print(entry["traceback"], flush=True)
         finally:
             entry["seconds"] = round(time.monotonic() - began, 1)
@@ -164,9 +204,25 @@ def machine_step(c: Campaign) -> None:
     if c.spent("gpu_tests"):
         return
     with c.step("gpu_tests") as entry:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                               "tests/gpu"], cwd=REPO, capture_output=True, text=True,
-                              timeout=max(5.0, min(90.0, c.left() * 0.15)))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "-o",
+                "addopts=",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/gpu",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=max(5.0, min(90.0, c.left() * 0.15)),
+        )
         summary = (proc.stdout.strip().splitlines() or [""])[-1]
         counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
         entry.update(returncode=proc.returncode, summary=summary, counts=counts, output_tail=proc.stdout[-2000:])
@@ -176,8 +232,9 @@ def machine_step(c: Campaign) -> None:
 
 def _nvidia_smi(field: str) -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None
@@ -187,11 +244,19 @@ def throughput_step(c: Campaign) -> dict:
     if c.spent("throughput"):
         return {}
     with c.step("throughput") as entry:
-        args = throughput.parse(["--data-32", str(c.scale.data / "train"), "--data-224", str(c.scale.data / "train"),
-                                 "--sizes", ",".join(map(str, c.scale.throughput["sizes"])),
-                                 "--workers", str(c.scale.workers)]
-                                + [f"--{k.replace('_', '-')}={v}" for k, v in c.scale.throughput.items()
-                                   if k != "sizes"])
+        args = throughput.parse(
+            [
+                "--data-32",
+                str(c.scale.data / "train"),
+                "--data-224",
+                str(c.scale.data / "train"),
+                "--sizes",
+                ",".join(map(str, c.scale.throughput["sizes"])),
+                "--workers",
+                str(c.scale.workers),
+            ]
+            + [f"--{k.replace('_', '-')}={v}" for k, v in c.scale.throughput.items() if k != "sizes"]
+        )
         entry.update(throughput.run(args))
     return entry
 
@@ -235,8 +300,10 @@ def plan_step(c: Campaign, measured: dict):
 
 def plan(c: Campaign, measured: dict, n_train: int, n_test: int) -> Plan:
     train = measured.get("train", {})
-    rate = {key: (train.get(key) or {}).get("batched", {}).get("images_per_s") for key in (
-        "moco_r18_32px", "moco_r50_32px", "seed_r50_to_r18_32px")}
+    rate = {
+        key: (train.get(key) or {}).get("batched", {}).get("images_per_s")
+        for key in ("moco_r18_32px", "moco_r50_32px", "seed_r50_to_r18_32px")
+    }
     extract = (measured.get("extract", {}).get("r50_32px") or {}).get("end_to_end", {}).get("images_per_s")
     if not all(rate.values()) or not extract:
         raise RuntimeError(f"throughput at 32 px was not measured ({rate}, extract {extract}); no budget to plan")
@@ -250,8 +317,14 @@ def plan(c: Campaign, measured: dict, n_train: int, n_test: int) -> Plan:
     teacher_rate = rate["moco_r50_32px" if arch == "resnet50" else "moco_r18_32px"]
     cap = c.scale.step_cap or float("inf")
     steps = lambda seconds, r: int(min(cap, max(1, seconds * r / c.scale.batch)))  # noqa: E731
-    return Plan(arch, steps(teacher_seconds, teacher_rate), steps(student_seconds, rate["seed_r50_to_r18_32px"]),
-                teacher_seconds, student_seconds, {**rate, "extract_r50_32px": extract, "scoring_s": scoring})
+    return Plan(
+        arch,
+        steps(teacher_seconds, teacher_rate),
+        steps(student_seconds, rate["seed_r50_to_r18_32px"]),
+        teacher_seconds,
+        student_seconds,
+        {**rate, "extract_r50_32px": extract, "scoring_s": scoring},
+    )
 
 
 def base_recipe(c: Campaign, p: Plan, n_train: int):
@@ -259,23 +332,51 @@ def base_recipe(c: Campaign, p: Plan, n_train: int):
     512, queue 4096, momentum 0.99, temperature 0.1), every stage's steps from the plan."""
     batch = c.scale.batch
     queue = max(batch, min(4096, n_train // 4) // batch * batch)
-    train = {"epochs": 10**6, "batch_size": batch, "optimizer": "sgd", "lr": 0.06 * batch / 512,
-             "weight_decay": 5e-4, "momentum": 0.9, "log_every": c.scale.log_every}
+    train = {
+        "epochs": 10**6,
+        "batch_size": batch,
+        "optimizer": "sgd",
+        "lr": 0.06 * batch / 512,
+        "weight_decay": 5e-4,
+        "momentum": 0.9,
+        "log_every": c.scale.log_every,
+    }
     split = lambda name, subset: {"path": str(c.scale.data / name), **({"subset": subset} if subset else {})}  # noqa: E731
-    return recipe_from_dict({
-        "name": "campaign-cifar10", "seed": 0, "runs_dir": str(c.runs_dir),
-        "data": {"train": split("train", c.scale.train_subset), "test": split("test", c.scale.test_subset),
-                 "image_size": 32, "workers": c.scale.workers, "cache": True,
-                 "cache_dir": str(c.runs_dir / "cache")},
-        "teacher": {"arch": p.teacher_arch, "method": "moco", "train": {**train, "max_steps": p.teacher_steps},
-                    "options": {"queue": queue, "momentum": 0.99, "temperature": 0.1, "hidden": 2048, "dim": 128}},
-        "distill": {"student": "resnet18", "method": "seed", "train": {**train, "max_steps": p.student_steps},
-                    "options": {"queue": queue, "hidden": 2048}},
-        "cluster": {"k": c.scale.cluster_k},
-        "eval": {"knn": [{"k": 200, "t": 0.1}], "protocols": ["knn", "linear", "clusters"],
-                 **({"linear": c.scale.linear} if c.scale.linear else {})},
-        "export": {"precisions": ["fp32", "int8"]},
-    }, source="campaign")
+    return recipe_from_dict(
+        {
+            "name": "campaign-cifar10",
+            "seed": 0,
+            "runs_dir": str(c.runs_dir),
+            "data": {
+                "train": split("train", c.scale.train_subset),
+                "test": split("test", c.scale.test_subset),
+                "image_size": 32,
+                "workers": c.scale.workers,
+                "cache": True,
+                "cache_dir": str(c.runs_dir / "cache"),
+            },
+            "teacher": {
+                "arch": p.teacher_arch,
+                "method": "moco",
+                "train": {**train, "max_steps": p.teacher_steps},
+                "options": {"queue": queue, "momentum": 0.99, "temperature": 0.1, "hidden": 2048, "dim": 128},
+            },
+            "distill": {
+                "student": "resnet18",
+                "method": "seed",
+                "train": {**train, "max_steps": p.student_steps},
+                "options": {"queue": queue, "hidden": 2048},
+            },
+            "cluster": {"k": c.scale.cluster_k},
+            "eval": {
+                "knn": [{"k": 200, "t": 0.1}],
+                "protocols": ["knn", "linear", "clusters"],
+                **({"linear": c.scale.linear} if c.scale.linear else {}),
+            },
+            "export": {"precisions": ["fp32", "int8"]},
+        },
+        source="campaign",
+    )
 
 
 def teacher_step(c: Campaign, base) -> Path | None:
@@ -283,13 +384,22 @@ def teacher_step(c: Campaign, base) -> Path | None:
         return None
     with c.step("teacher") as entry:
         folder, row = quality.teacher_cell(base, base.teacher.method, c.runs_dir / base.name)
-        entry.update(row=row, arch=base.teacher.arch, steps=base.teacher.train.max_steps,
-                     images_seen=row.get("images_seen"))
+        entry.update(
+            row=row, arch=base.teacher.arch, steps=base.teacher.train.max_steps, images_seen=row.get("images_seen")
+        )
         card = read_sidecar(folder)
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-        files = write_parts(folder, c.out / "teacher", WEIGHTS, SIDECAR, source="benchmarks/campaign.py",
-                            machine=gpu or "CPU (rehearsal)", train_seconds=row.get("wall_seconds"),
-                            knn_k200_t01=row["metrics"].get(KNN), recipe=card.get("inputs"))
+        files = write_parts(
+            folder,
+            c.out / "teacher",
+            WEIGHTS,
+            SIDECAR,
+            source="benchmarks/campaign.py",
+            machine=gpu or "CPU (rehearsal)",
+            train_seconds=row.get("wall_seconds"),
+            knn_k200_t01=row["metrics"].get(KNN),
+            recipe=card.get("inputs"),
+        )
         entry["parts"] = [f.name for f in files]
         return folder
     return None
@@ -312,17 +422,20 @@ def students_step(c: Campaign, base, teacher_dir: Path) -> list[dict]:
                     continue
                 teacher = teacher_dir if quality.teacher_of(base, name) else None  # alone: no teacher
                 try:
-                    for row in quality.student_cell(base, student, name, teacher, c.runs_dir / base.name,
-                                                    floor=i == 0, export=False):
+                    for row in quality.student_cell(
+                        base, student, name, teacher, c.runs_dir / base.name, floor=i == 0, export=False
+                    ):
                         rows.append({"dataset": base.name, **row})
-                        cell.setdefault("rows", []).append({k: row.get(k) for k in (
-                            "model", "images_seen", "wall_seconds", "metrics")})
+                        cell.setdefault("rows", []).append(
+                            {k: row.get(k) for k in ("model", "images_seen", "wall_seconds", "metrics")}
+                        )
                     cell["status"] = "done"
                 except Interrupted as exc:
                     cell.update(status="stopped at the budget", error=str(exc))
                 except Exception as exc:  # noqa: BLE001 - one cell's failure must not cost the others
-                    cell.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                                traceback=traceback.format_exc()[-2000:])
+                    cell.update(
+                        status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-2000:]
+                    )
                 c.save()
     return rows
 
@@ -336,14 +449,14 @@ def export_step(c: Campaign, base, rows: list[dict], teacher_dir: Path) -> None:
             entry["status"] = "skipped: no distilled student"
             return
         best = max(students, key=lambda r: r["metrics"][KNN])
-        cell = quality.student_recipe(base, best["arch"], best["method"], teacher_dir, c.runs_dir / base.name,
-                                      floor=False)
+        cell = quality.student_recipe(
+            base, best["arch"], best["method"], teacher_dir, c.runs_dir / base.name, floor=False
+        )
         bank, test = c.scale.export_subsets
         data = cell.model_dump(mode="json")
         data["data"]["train"]["subset"], data["data"]["test"]["subset"] = bank, test
         report = export(recipe_from_dict(data, source="campaign export"))
-        entry.update(student=best["model"], parity_images={"bank": bank, "test": test},
-                     results=report["results"])
+        entry.update(student=best["model"], parity_images={"bank": bank, "test": test}, results=report["results"])
 
 
 # --------------------------------------------------------------------------- report
@@ -352,10 +465,15 @@ def export_step(c: Campaign, base, rows: list[dict], teacher_dir: Path) -> None:
 def markdown(report: dict) -> str:
     steps = report["steps"]
     m = steps.get("machine", {})
-    lines = [f"# kt-edge GPU campaign ({report['scale']} scale)", "",
-             f"Machine: {m.get('device', '?')} (driver {m.get('driver')}, torch {m.get('torch')}, CUDA "
-             f"{m.get('cuda')}); budget {report['budget_s']:.0f} s, used {report.get('elapsed_s', 0):.0f} s.", "",
-             "| step | status | seconds |", "|---|---|---|"]
+    lines = [
+        f"# kt-edge GPU campaign ({report['scale']} scale)",
+        "",
+        f"Machine: {m.get('device', '?')} (driver {m.get('driver')}, torch {m.get('torch')}, CUDA "
+        f"{m.get('cuda')}); budget {report['budget_s']:.0f} s, used {report.get('elapsed_s', 0):.0f} s.",
+        "",
+        "| step | status | seconds |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {s.get('status', 'running')} | {s.get('seconds', '')} |" for name, s in steps.items()]
     tests = steps.get("gpu_tests", {})
     if tests.get("summary"):
@@ -366,28 +484,43 @@ def markdown(report: dict) -> str:
         for name, paths in train.items():
             for path, r in paths.items():
                 share = r.get("fraction_of_bf16_peak")
-                lines.append(f"| {name} | {path} | {r['images_per_s']:.0f} | {r['achieved_tflops']:.2f} | "
-                             f"{'' if share is None else f'{100 * share:.1f}%'} |")
+                lines.append(
+                    f"| {name} | {path} | {r['images_per_s']:.0f} | {r['achieved_tflops']:.2f} | "
+                    f"{'' if share is None else f'{100 * share:.1f}%'} |"
+                )
     km = steps.get("kmeans", {}).get("runs")
     if km:
-        lines += ["", f"k-means {steps['kmeans']['n']:,} x {steps['kmeans']['dim']} -> {steps['kmeans']['k']}, "
-                  f"{steps['kmeans']['niter']} iterations: " + "; ".join(
-                      f"{name} {r['seconds']:.2f} s" if "seconds" in r else f"{name}: {r['skipped']}"
-                      for name, r in km.items())]
-    rows = ([steps["teacher"]["row"]] if steps.get("teacher", {}).get("row") else []) + \
-        [r for r in report.get("grid", [])]
+        lines += [
+            "",
+            f"k-means {steps['kmeans']['n']:,} x {steps['kmeans']['dim']} -> {steps['kmeans']['k']}, "
+            f"{steps['kmeans']['niter']} iterations: "
+            + "; ".join(
+                f"{name} {r['seconds']:.2f} s" if "seconds" in r else f"{name}: {r['skipped']}"
+                for name, r in km.items()
+            ),
+        ]
+    rows = ([steps["teacher"]["row"]] if steps.get("teacher", {}).get("row") else []) + [
+        r for r in report.get("grid", [])
+    ]
     if rows:
         lines += ["", "| model | images seen | k-NN k=200 T=0.1 | linear top-1 | wall s |", "|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r.get('images_seen') or ''} | {r['metrics'].get(KNN, float('nan')):.1f}"
-                         f" | {r['metrics'].get('linear_top1', float('nan')):.1f} | {r.get('wall_seconds', '')} |")
+            lines.append(
+                f"| {r['model']} | {r.get('images_seen') or ''} | {r['metrics'].get(KNN, float('nan')):.1f}"
+                f" | {r['metrics'].get('linear_top1', float('nan')):.1f} | {r.get('wall_seconds', '')} |"
+            )
         if report.get("verdicts"):
             lines += ["", *[f"- {v}" for v in report["verdicts"]]]
     exported = steps.get("export", {}).get("results")
     if exported:
-        lines += ["", f"Export of {steps['export']['student']}: " + "; ".join(
-            f"{p} min cosine {r['golden']['min_cosine']:.4f}, k-NN drop {r['accuracy']['drop']:+.2f}"
-            for p, r in exported.items())]
+        lines += [
+            "",
+            f"Export of {steps['export']['student']}: "
+            + "; ".join(
+                f"{p} min cosine {r['golden']['min_cosine']:.4f}, k-NN drop {r['accuracy']['drop']:+.2f}"
+                for p, r in exported.items()
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -425,8 +558,14 @@ def run(out: Path, budget: float, scale: Scale, runs_dir: Path) -> dict:
         timer.cancel()
         signal.signal(signal.SIGTERM, previous)
         for name in STEPS:  # the steps that never started, and why
-            c.report["steps"].setdefault(name, {"status": "skipped: the budget is spent" if c.left() <= 0
-                                                else "skipped: a step it needs did not finish"})
+            c.report["steps"].setdefault(
+                name,
+                {
+                    "status": "skipped: the budget is spent"
+                    if c.left() <= 0
+                    else "skipped: a step it needs did not finish"
+                },
+            )
         c.save()
     return c.report
 

@@ -101,8 +101,13 @@ def interleaved_latency(runners: dict, shape, batch: int, iters: int, warmup: in
     out = {}
     for name, t in times.items():
         p50, p90 = np.percentile(t, [50, 90]) * 1e3
-        out[name] = {"p50_ms": float(p50), "p90_ms": float(p90), "min_ms": float(min(t) * 1e3),
-                     "throughput_ips": float(batch / np.median(t)), "iters": iters}
+        out[name] = {
+            "p50_ms": float(p50),
+            "p90_ms": float(p90),
+            "min_ms": float(min(t) * 1e3),
+            "throughput_ips": float(batch / np.median(t)),
+            "iters": iters,
+        }
     return out
 
 
@@ -131,30 +136,50 @@ def run_arch(arch: str, folder: Path | None, args, spec: InputSpec, bank, val, w
     latency = interleaved_latency(runners, spec.shape, 1, args.iters, args.warmup)
     for name, r in latency.items():
         print(f"{arch:9s} {name:25s} batch 1: p50 {r['p50_ms']:8.2f} ms  {r['throughput_ips']:7.1f} img/s", flush=True)
-    ratios = {f"{other}_over_{name}": latency[other]["p50_ms"] / latency[name]["p50_ms"]
-              for name in runners for other in ("pytorch-fp32", "ort-fp32") if other != name}
+    ratios = {
+        f"{other}_over_{name}": latency[other]["p50_ms"] / latency[name]["p50_ms"]
+        for name in runners
+        for other in ("pytorch-fp32", "ort-fp32")
+        if other != name
+    }
 
     embeddings = {}
     for name in ("pytorch-fp32", "ort-int8", "ort-int8-tensorrt-target"):
         started = time.time()
         embeddings[name] = (embed(runners[name], bank_x), embed(runners[name], val_x))
-        print(f"{arch:9s} {name:25s} embedded {len(bank_x) + len(val_x)} images in {time.time() - started:.0f} s",
-              flush=True)
+        print(
+            f"{arch:9s} {name:25s} embedded {len(bank_x) + len(val_x)} images in {time.time() - started:.0f} s",
+            flush=True,
+        )
     reference = embeddings["pytorch-fp32"][1]
     quality = {}
     for name, (b, v) in embeddings.items():
         report = golden_parity(reference, v, "int8")
         quality[name] = {
             "knn_top1": knn_top1(b, bank_y, v, val_y, k=KNN_K, t=KNN_T),
-            "cosine_vs_pytorch": {"images": report.samples, "min": report.min_cosine, "p1": report.p1_cosine,
-                                  "median": report.median_cosine},
+            "cosine_vs_pytorch": {
+                "images": report.samples,
+                "min": report.min_cosine,
+                "p1": report.p1_cosine,
+                "median": report.median_cosine,
+            },
         }
         q = quality[name]
-        print(f"{arch:9s} {name:25s} k-NN top-1 {q['knn_top1']:6.2f}  cosine vs PyTorch min "
-              f"{report.min_cosine:.4f} p1 {report.p1_cosine:.4f} median {report.median_cosine:.5f}", flush=True)
+        print(
+            f"{arch:9s} {name:25s} k-NN top-1 {q['knn_top1']:6.2f}  cosine vs PyTorch min "
+            f"{report.min_cosine:.4f} p1 {report.p1_cosine:.4f} median {report.median_cosine:.5f}",
+            flush=True,
+        )
     sizes = {p.name.split(".", 1)[1]: p.stat().st_size / 2**20 for p in sorted(workdir.glob(f"{arch}.*.onnx"))}
-    return {"weights": weights, "onnx_mib": sizes, "int8_quantization": records, "kernels": kernels,
-            "latency_batch1": latency, "p50_ratios_batch1": ratios, "quality": quality}
+    return {
+        "weights": weights,
+        "onnx_mib": sizes,
+        "int8_quantization": records,
+        "kernels": kernels,
+        "latency_batch1": latency,
+        "p50_ratios_batch1": ratios,
+        "quality": quality,
+    }
 
 
 def main() -> None:

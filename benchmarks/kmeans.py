@@ -34,10 +34,11 @@ from sklearn.metrics import adjusted_rand_score
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kt_edge_runtime.bench import machine_name  # noqa: E402
+
 from kt_edge.atomic import write_json  # noqa: E402
 from kt_edge.features import FeatureStore  # noqa: E402
 from kt_edge.kmeans import assign, cores, fit_kmeans, sample_rows  # noqa: E402
-from kt_edge_runtime.bench import machine_name  # noqa: E402
 
 try:
     import faiss
@@ -94,8 +95,13 @@ def fit_engine(x, k, niter, seed, engine):
     return r.centroids, len(r.objective_history)
 
 
-def gpu_scale(n: int = GPU_SCALE["n"], dim: int = GPU_SCALE["dim"], k: int = GPU_SCALE["k"],
-              niter: int = GPU_SCALE["niter"], seed: int = 0) -> dict:
+def gpu_scale(
+    n: int = GPU_SCALE["n"],
+    dim: int = GPU_SCALE["dim"],
+    k: int = GPU_SCALE["k"],
+    niter: int = GPU_SCALE["niter"],
+    seed: int = 0,
+) -> dict:
     """k-means of a Gaussian mixture made on this process's device (the GPU when there is one): the torch
     engine, and faiss on the GPU when a faiss-gpu build sees one; seconds exclude making the data."""
     import torch
@@ -106,22 +112,39 @@ def gpu_scale(n: int = GPU_SCALE["n"], dim: int = GPU_SCALE["dim"], k: int = GPU
     x = torch.empty(n, dim, device=device)
     for lo in range(0, n, 65536):
         rows = min(n, lo + 65536) - lo
-        x[lo:lo + rows] = centres[torch.randint(k, (rows,), device=device, generator=generator)]
-        x[lo:lo + rows] += torch.randn(rows, dim, device=device, generator=generator)
+        x[lo : lo + rows] = centres[torch.randint(k, (rows,), device=device, generator=generator)]
+        x[lo : lo + rows] += torch.randn(rows, dim, device=device, generator=generator)
     runs = {}
     result = fit_kmeans(x, k, niter=niter, seed=seed, engine_name="torch")
-    runs["torch"] = {"seconds": result.seconds, "iterations": len(result.objective_history),
-                     "objective_per_point": result.objective / n, "device": str(device)}
+    runs["torch"] = {
+        "seconds": result.seconds,
+        "iterations": len(result.objective_history),
+        "objective_per_point": result.objective / n,
+        "device": str(device),
+    }
     if faiss is not None and faiss.get_num_gpus() > 0:
         r = fit_kmeans(x.cpu().numpy(), k, niter=niter, seed=seed, engine_name="faiss-gpu")
-        runs["faiss-gpu"] = {"seconds": r.seconds, "iterations": len(r.objective_history),
-                             "objective_per_point": r.objective / n}
+        runs["faiss-gpu"] = {
+            "seconds": r.seconds,
+            "iterations": len(r.objective_history),
+            "objective_per_point": r.objective / n,
+        }
     else:
-        runs["faiss-gpu"] = {"skipped": "faiss-gpu is not installed" if faiss is None or not hasattr(
-            faiss, "StandardGpuResources") else "faiss sees no GPU"}
-    return {"n": n, "dim": dim, "k": k, "niter": niter, "data": "Gaussian mixture of k centres, made on " + str(device),
-            "runs": runs, "target_seconds": 10.0, "met": runs["torch"]["seconds"] < 10.0 if device.type == "cuda"
-            else None}
+        runs["faiss-gpu"] = {
+            "skipped": "faiss-gpu is not installed"
+            if faiss is None or not hasattr(faiss, "StandardGpuResources")
+            else "faiss sees no GPU"
+        }
+    return {
+        "n": n,
+        "dim": dim,
+        "k": k,
+        "niter": niter,
+        "data": "Gaussian mixture of k centres, made on " + str(device),
+        "runs": runs,
+        "target_seconds": 10.0,
+        "met": runs["torch"]["seconds"] < 10.0 if device.type == "cuda" else None,
+    }
 
 
 def fit_sklearn(x, k, niter, seed):
@@ -137,18 +160,32 @@ def fit_minibatch(x, k, niter, seed, batch_size):
 
 
 def run(args) -> dict:
-    faiss_engine = "faiss-gpu" if args.use_gpu == "yes" or (args.use_gpu == "auto" and faiss.get_num_gpus()) \
-        else "faiss-cpu"
+    faiss_engine = (
+        "faiss-gpu" if args.use_gpu == "yes" or (args.use_gpu == "auto" and faiss.get_num_gpus()) else "faiss-cpu"
+    )
     gpus = faiss.get_num_gpus() if faiss_engine == "faiss-gpu" else 0
     if args.features:
         store = FeatureStore.open(args.features)
         x = sample_rows(store, args.n or store.n, seed=args.seed)
-        data = {"source": "feature store", "path": str(args.features), "fingerprint": store.fingerprint,
-                "store_n": store.n, "rows_used": len(x), "dim": store.dim, "sample_seed": args.seed}
+        data = {
+            "source": "feature store",
+            "path": str(args.features),
+            "fingerprint": store.fingerprint,
+            "store_n": store.n,
+            "rows_used": len(x),
+            "dim": store.dim,
+            "sample_seed": args.seed,
+        }
     else:
         x = gaussian_mixture(args.n, args.dim, args.components or args.k, args.noise, args.seed)
-        data = {"source": "synthetic gaussian mixture", "n": args.n, "dim": args.dim,
-                "components": args.components or args.k, "noise_std": args.noise, "seed": args.seed}
+        data = {
+            "source": "synthetic gaussian mixture",
+            "n": args.n,
+            "dim": args.dim,
+            "components": args.components or args.k,
+            "noise_std": args.noise,
+            "seed": args.seed,
+        }
     n, k = len(x), args.k
     sk_n = min(n, args.sklearn_max_n or n)
     sk_x = x if sk_n == n else sample_rows(x, sk_n, seed=args.seed)
@@ -179,8 +216,11 @@ def run(args) -> dict:
             "inertia_per_point": float(dist.astype(np.float64).mean()),
             "empty_clusters": int(k - len(np.unique(pred))),
         }
-        print(f"{name:10s} fit_n={fit_n[name]:>9,d} median {results[name]['seconds_median']:8.2f} s  "
-              f"iterations {iterations:4d}  inertia/pt {results[name]['inertia_per_point']:.4f}", flush=True)
+        print(
+            f"{name:10s} fit_n={fit_n[name]:>9,d} median {results[name]['seconds_median']:8.2f} s  "
+            f"iterations {iterations:4d}  inertia/pt {results[name]['inertia_per_point']:.4f}",
+            flush=True,
+        )
     if "faiss" in results:
         base = results["faiss"]
         for name, r in results.items():
@@ -189,7 +229,9 @@ def run(args) -> dict:
             r["ari_vs_faiss"] = float(adjusted_rand_score(labels["faiss"], labels[name]))
     names = list(results)
     agreement = {
-        f"{a}~{b}": float(adjusted_rand_score(labels[a], labels[b])) for i, a in enumerate(names) for b in names[i + 1 :]
+        f"{a}~{b}": float(adjusted_rand_score(labels[a], labels[b]))
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
     }
     notes = [
         "all methods: random init, one init, same iteration budget; faiss and sklearn KMeans stop early only on "
@@ -198,14 +240,22 @@ def run(args) -> dict:
         "inertia and ARI are computed the same way for every method: nearest-centroid labels of all rows",
     ]
     if sk_n < n:
-        notes.append(f"sklearn KMeans was fitted on a seeded subset of {sk_n} of the {n} rows (full Lloyd on all "
-                     "rows is too slow here); its inertia and ARI are still measured on all rows")
+        notes.append(
+            f"sklearn KMeans was fitted on a seeded subset of {sk_n} of the {n} rows (full Lloyd on all "
+            "rows is too slow here); its inertia and ARI are still measured on all rows"
+        )
     return {
         "benchmark": "kmeans",
         "machine": machine(gpus),
         "data": data,
-        "params": {"k": k, "niter": args.niter, "repeats": args.repeats, "seed": args.seed,
-                   "minibatch_size": args.minibatch_size, "methods": list(args.methods)},
+        "params": {
+            "k": k,
+            "niter": args.niter,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "minibatch_size": args.minibatch_size,
+            "methods": list(args.methods),
+        },
         "results": results,
         "agreement_ari": agreement,
         "notes": notes,
@@ -219,17 +269,27 @@ def parse(argv=None):
     p.add_argument("--k", type=int, default=1000)
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--components", type=int, default=None, help="mixture components of synthetic data (default k)")
-    p.add_argument("--noise", type=float, default=1.0, help="noise std per coordinate of synthetic data (centres ~ N(0, 1))")
+    p.add_argument(
+        "--noise", type=float, default=1.0, help="noise std per coordinate of synthetic data (centres ~ N(0, 1))"
+    )
     p.add_argument("--features", type=Path, default=None, help="a FeatureStore directory to cluster instead")
-    p.add_argument("--gpu-scale", action="store_true", help="1.28M x 2048 -> 2000 clusters, 20 iterations, data "
-                   "made on the GPU: the torch engine, and faiss-gpu where installed")
-    p.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default all; faiss for --gpu-scale)")
+    p.add_argument(
+        "--gpu-scale",
+        action="store_true",
+        help="1.28M x 2048 -> 2000 clusters, 20 iterations, data "
+        "made on the GPU: the torch engine, and faiss-gpu where installed",
+    )
+    p.add_argument(
+        "--methods", default=None, help=f"comma list of {','.join(METHODS)} (default all; faiss for --gpu-scale)"
+    )
     p.add_argument("--sklearn-max-n", type=int, default=None, help="fit sklearn KMeans on at most this many rows")
     p.add_argument("--minibatch-size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--use-gpu", choices=("auto", "yes", "no"), default="auto")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kmeans-<machine>.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/kmeans-<machine>.json)"
+    )
     args = p.parse_args(argv)
     if args.n is None and not args.features:
         args.n = 100_000
@@ -245,7 +305,13 @@ def main(argv=None) -> Path:
     if args.gpu_scale:
         report = {"benchmark": "kmeans-gpu-scale", "machine": machine(0), **gpu_scale(seed=args.seed)}
         report["machine"]["faiss_gpus_used"] = int("seconds" in report["runs"]["faiss-gpu"])
-        out = args.out or REPO / "benchmarks" / "results" / f"kmeans-gpu-scale-{slug(gpu_names()[0] if gpu_names() else machine_name())}.json"
+        out = (
+            args.out
+            or REPO
+            / "benchmarks"
+            / "results"
+            / f"kmeans-gpu-scale-{slug(gpu_names()[0] if gpu_names() else machine_name())}.json"
+        )
         write_json(out, report)
         print(f"wrote {out}")
         return out

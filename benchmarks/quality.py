@@ -28,15 +28,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kt_edge_runtime.bench import machine_name  # noqa: E402
+
 from kt_edge.atomic import write_json, write_text  # noqa: E402
 from kt_edge.errors import KtEdgeError  # noqa: E402
 from kt_edge.export.bundle import ParityError  # noqa: E402
 from kt_edge.models.checkpoint import read_sidecar  # noqa: E402
+from kt_edge.recipe import Recipe, load_recipe, recipe_from_dict  # noqa: E402
 from kt_edge.stages.evaluate import evaluate  # noqa: E402
 from kt_edge.stages.run import run_stages  # noqa: E402
 from kt_edge.stages.teacher import train_teacher  # noqa: E402
-from kt_edge.recipe import Recipe, load_recipe, recipe_from_dict  # noqa: E402
-from kt_edge_runtime.bench import machine_name  # noqa: E402
 
 SIZE = "<size>"  # stands for the recipe's distill.options.queue: one queue / bank size for every method
 RECIPE = "recipe"  # stands for the recipe's own teacher (its method and options)
@@ -85,9 +86,13 @@ def teacher_cell(base: Recipe, method: str, runs_dir: Path) -> tuple[Path, dict]
 
     def compute():
         folder = train_teacher(recipe)
-        return {"role": "teacher", "arch": recipe.teacher.arch, "method": method,
-                "images_seen": images_seen(folder, recipe.teacher.train.batch_size),
-                "metrics": evaluate(recipe)["teacher"]}
+        return {
+            "role": "teacher",
+            "arch": recipe.teacher.arch,
+            "method": method,
+            "images_seen": images_seen(folder, recipe.teacher.train.batch_size),
+            "metrics": evaluate(recipe)["teacher"],
+        }
 
     return recipe.run_dir / "teacher", {**cached(recipe, compute), "model": f"teacher {recipe.teacher.arch} {method}"}
 
@@ -102,8 +107,9 @@ def label(base: Recipe, name: str) -> str:
     return f"{base.teacher.method}-alone" if name == "alone" else name
 
 
-def student_recipe(base: Recipe, student: str, name: str, teacher_dir: Path | None, runs_dir: Path,
-                   floor: bool) -> Recipe:
+def student_recipe(
+    base: Recipe, student: str, name: str, teacher_dir: Path | None, runs_dir: Path, floor: bool
+) -> Recipe:
     """The recipe of one student cell: the base recipe's budget, the grid's method, the shared teacher imported."""
     teacher_method, (_, method, options) = teacher_of(base, name), METHODS[name]
     if method == RECIPE:
@@ -112,17 +118,32 @@ def student_recipe(base: Recipe, student: str, name: str, teacher_dir: Path | No
     options = {key: size if value == SIZE else value for key, value in options.items()}
     if method == base.distill.method:
         options = {**base.distill.options, **options}
-    teacher = {} if teacher_dir is None else {
-        "checkpoint": str(teacher_dir), "format": "kt-edge", "layer": None, "method": teacher_method,
-        "options": base.teacher.options if teacher_method == base.teacher.method else {}}
+    teacher = (
+        {}
+        if teacher_dir is None
+        else {
+            "checkpoint": str(teacher_dir),
+            "format": "kt-edge",
+            "layer": None,
+            "method": teacher_method,
+            "options": base.teacher.options if teacher_method == base.teacher.method else {},
+        }
+    )
     precisions = list(dict.fromkeys([*base.export.precisions, "int8"]))
-    return cell_recipe(base, f"{student}-{name}", runs_dir, teacher=teacher,
-                       distill={"student": student, "method": method, "options": options},
-                       eval={"teacher": False, "baseline": floor}, export={"precisions": precisions})
+    return cell_recipe(
+        base,
+        f"{student}-{name}",
+        runs_dir,
+        teacher=teacher,
+        distill={"student": student, "method": method, "options": options},
+        eval={"teacher": False, "baseline": floor},
+        export={"precisions": precisions},
+    )
 
 
-def student_cell(base: Recipe, student: str, name: str, teacher_dir: Path | None, runs_dir: Path,
-                 floor: bool, export: bool = True) -> list[dict]:
+def student_cell(
+    base: Recipe, student: str, name: str, teacher_dir: Path | None, runs_dir: Path, floor: bool, export: bool = True
+) -> list[dict]:
     """One distillation (or alone) cell; with ``floor`` also the random-init student, scored in the same pass;
     ``export``: the bundle too, and its int8 model's k-NN."""
     recipe = student_recipe(base, student, name, teacher_dir, runs_dir, floor)
@@ -135,17 +156,31 @@ def student_cell(base: Recipe, student: str, name: str, teacher_dir: Path | None
             results = json.loads((recipe.run_dir / "eval" / "results.json").read_text())
             parity = json.loads((recipe.run_dir / "bundle" / "manifest.json").read_text())["parity"]["results"]
             failure = str(exc)
-        return {"role": "alone" if teacher_dir is None else "student", "arch": student, "method": label(base, name),
-                "teacher": teacher_of(base, name),
-                "images_seen": images_seen(recipe.run_dir / "student", recipe.distill.train.batch_size),
-                "metrics": results["student"], "random_init": results.get("random_init"),
-                "export": {p: r["accuracy"] for p, r in parity.items()}, "export_failure": failure}
+        return {
+            "role": "alone" if teacher_dir is None else "student",
+            "arch": student,
+            "method": label(base, name),
+            "teacher": teacher_of(base, name),
+            "images_seen": images_seen(recipe.run_dir / "student", recipe.distill.train.batch_size),
+            "metrics": results["student"],
+            "random_init": results.get("random_init"),
+            "export": {p: r["accuracy"] for p, r in parity.items()},
+            "export_failure": failure,
+        }
 
     row = cached(recipe, compute)
     rows = [{**row, "model": f"{student} {label(base, name)}"}]
     if row.get("random_init"):
-        rows.insert(0, {"role": "random-init", "arch": student, "method": "random-init",
-                        "model": f"{student} random-init", "metrics": row["random_init"]})
+        rows.insert(
+            0,
+            {
+                "role": "random-init",
+                "arch": student,
+                "method": "random-init",
+                "model": f"{student} random-init",
+                "metrics": row["random_init"],
+            },
+        )
     return rows
 
 
@@ -158,8 +193,7 @@ def run_grid(base: Recipe, students: list[str], methods: list[str], runs_dir: Pa
         print(f"{base.name}: {row['model']} done ({row['wall_seconds']:.0f} s)", flush=True)
     for student in students:
         for i, name in enumerate(methods):
-            for row in student_cell(base, student, name, teachers.get(teacher_of(base, name)), runs_dir,
-                                    floor=i == 0):
+            for row in student_cell(base, student, name, teachers.get(teacher_of(base, name)), runs_dir, floor=i == 0):
                 rows.append(row)
                 print(f"{base.name}: {row['model']} done ({row.get('wall_seconds', 0):.0f} s)", flush=True)
     return [{"dataset": base.name, **row} for row in rows]
@@ -180,10 +214,18 @@ def verdicts(rows: list[dict], metric: str) -> list[str]:
     for row in rows:
         if row["role"] != "student":
             continue
-        alone = next((r for r in rows if r["role"] == "alone" and r["dataset"] == row["dataset"]
-                      and r["arch"] == row["arch"]), None)
-        teacher = next((r for r in rows if r["role"] == "teacher" and r["dataset"] == row["dataset"]
-                        and r["method"] == row["teacher"]), None)
+        alone = next(
+            (r for r in rows if r["role"] == "alone" and r["dataset"] == row["dataset"] and r["arch"] == row["arch"]),
+            None,
+        )
+        teacher = next(
+            (
+                r
+                for r in rows
+                if r["role"] == "teacher" and r["dataset"] == row["dataset"] and r["method"] == row["teacher"]
+            ),
+            None,
+        )
         value = row["metrics"][metric]
         parts = [f"{row['dataset']} {row['model']}: {metric} {value:.1f}"]
         if alone:
@@ -199,16 +241,25 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     metrics = columns(rows)
     head = ["dataset", "model", "images seen", *metrics, "int8 k-NN", "wall s"]
-    lines = [f"# Quality grid: {', '.join(report['recipes'])}", "",
-             f"Machine: {report['machine']}. Accuracies in % on each recipe's test split (NMI 0..1); "
-             f"int8 k-NN is the exported int8 model's k=200, T=0.1 k-NN measured on its bundle.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"# Quality grid: {', '.join(report['recipes'])}",
+        "",
+        f"Machine: {report['machine']}. Accuracies in % on each recipe's test split (NMI 0..1); "
+        f"int8 k-NN is the exported int8 model's k=200, T=0.1 k-NN measured on its bundle.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         int8 = (r.get("export") or {}).get("int8")
-        cells = [r["dataset"], r["model"], f"{r['images_seen']:,}" if r.get("images_seen") else "",
-                 *(f"{r['metrics'][m]:.3f}" if m.endswith("nmi") else f"{r['metrics'][m]:.1f}" for m in metrics),
-                 f"{int8['candidate_top1']:.1f}" if int8 else "", f"{r['wall_seconds']:.0f}" if "wall_seconds" in r
-                 else ""]
+        cells = [
+            r["dataset"],
+            r["model"],
+            f"{r['images_seen']:,}" if r.get("images_seen") else "",
+            *(f"{r['metrics'][m]:.3f}" if m.endswith("nmi") else f"{r['metrics'][m]:.1f}" for m in metrics),
+            f"{int8['candidate_top1']:.1f}" if int8 else "",
+            f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     first_knn = next((m for m in metrics if m.startswith("knn_")), None)
     if first_knn:
@@ -225,8 +276,14 @@ def main(argv=None) -> None:
     p.add_argument("recipes", nargs="+", type=Path, help="one recipe per dataset (its teacher, student budget, eval)")
     p.add_argument("--students", default=",".join(STUDENTS), help=f"comma list from {', '.join(STUDENTS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of every recipe, e.g. --set distill.train.epochs=1")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of every recipe, e.g. --set distill.train.epochs=1",
+    )
     p.add_argument("--runs-dir", type=Path, default=Path("runs/quality"))
     p.add_argument("--out", type=Path, default=None, help="JSON path; the markdown table goes beside it")
     args = p.parse_args(argv)
@@ -247,13 +304,27 @@ def main(argv=None) -> None:
     except KtEdgeError as exc:
         sys.exit(f"error: {exc}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    report = {"benchmark": "quality", "recipes": [b.name for b in bases], "machine": gpu or machine_name(),
-              "torch": torch.__version__, "students": students, "methods": methods,
-              "recipe_files": {b.name: str(path) for b, path in zip(bases, args.recipes)},
-              "budgets": {b.name: {"teacher": b.teacher.train.model_dump(), "student": b.distill.train.model_dump(),
-                                   "train": b.data.train.model_dump(mode="json"), "image_size": b.data.image_size,
-                                   "seed": b.seed} for b in bases},
-              "wall_seconds": round(time.perf_counter() - started, 1), "rows": rows}
+    report = {
+        "benchmark": "quality",
+        "recipes": [b.name for b in bases],
+        "machine": gpu or machine_name(),
+        "torch": torch.__version__,
+        "students": students,
+        "methods": methods,
+        "recipe_files": {b.name: str(path) for b, path in zip(bases, args.recipes)},
+        "budgets": {
+            b.name: {
+                "teacher": b.teacher.train.model_dump(),
+                "student": b.distill.train.model_dump(),
+                "train": b.data.train.model_dump(mode="json"),
+                "image_size": b.data.image_size,
+                "seed": b.seed,
+            }
+            for b in bases
+        },
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
     out = args.out or REPO / "benchmarks" / "results" / f"quality-{'+'.join(report['recipes'])}.json"
     write_json(out, report)
     write_text(out.with_suffix(".md"), markdown(report))

@@ -29,6 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kt_edge_runtime.bench import machine_name  # noqa: E402
+
 from kt_edge.atomic import write_json  # noqa: E402
 from kt_edge.data.augment import eval_transform  # noqa: E402
 from kt_edge.data.sources import open_images  # noqa: E402
@@ -38,16 +40,29 @@ from kt_edge.features import embed  # noqa: E402
 from kt_edge.models.backbones import build_backbone  # noqa: E402
 from kt_edge.recipe import TrainConfig  # noqa: E402
 from kt_edge.teachers import TEACHERS  # noqa: E402
-from kt_edge_runtime.bench import machine_name  # noqa: E402
 
 IMAGE_SIZE = 32
 KNN = KnnSetting(200, 0.1)
 PRESETS = {
     # Sized so the eight methods train and are scored in about a quarter of an hour on two shared CPU cores.
-    "cpu": {"arch": "alexnet", "train_images": 576, "epochs": 1, "batch_size": 32, "bank": 1000, "test": 500,
-            "workers": 0},
-    "gpu": {"arch": "resnet18", "train_images": 50_000, "epochs": 20, "batch_size": 512, "bank": 50_000,
-            "test": 10_000, "workers": 8},
+    "cpu": {
+        "arch": "alexnet",
+        "train_images": 576,
+        "epochs": 1,
+        "batch_size": 32,
+        "bank": 1000,
+        "test": 500,
+        "workers": 0,
+    },
+    "gpu": {
+        "arch": "resnet18",
+        "train_images": 50_000,
+        "epochs": 20,
+        "batch_size": 512,
+        "bank": 50_000,
+        "test": 10_000,
+        "workers": 8,
+    },
 }
 OPTIONS = {
     "cpu": {
@@ -78,9 +93,14 @@ def shared_data() -> Path:
 
 
 def machine(device: torch.device) -> dict:
-    return {"cpu": machine_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": machine_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def knn_top1(backbone, bank_set, test_set, device, workers) -> float:
@@ -102,19 +122,30 @@ def run(args) -> dict:
     bank_set = open_images(root / "train", subset=args.bank or preset["bank"], seed=args.seed + 1)
     test_set = open_images(root / "test", subset=args.test or preset["test"], seed=args.seed)
     bank_set, test_set = (s.with_transform(eval_transform(IMAGE_SIZE)) for s in (bank_set, test_set))
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer="adamw", lr=args.lr,
-                      weight_decay=args.weight_decay, warmup_epochs=0, checkpoint_every=10**9)
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer="adamw",
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_epochs=0,
+        checkpoint_every=10**9,
+    )
     steps = epochs * (len(train_set) // batch_size)
     load_start = os.getloadavg()[0]
-    print(f"{len(train_set)} train images x {epochs} epochs = {steps} steps of {batch_size} on {device} ({arch}); "
-          f"k-NN bank {len(bank_set)}, test {len(test_set)}", flush=True)
+    print(
+        f"{len(train_set)} train images x {epochs} epochs = {steps} steps of {batch_size} on {device} ({arch}); "
+        f"k-NN bank {len(bank_set)}, test {len(test_set)}",
+        flush=True,
+    )
 
     results = {}
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    results["random_init"] = {"knn_top1": knn_top1(build_backbone(arch, IMAGE_SIZE), bank_set, test_set, device,
-                                                   workers),
-                              "eval_seconds": time.perf_counter() - started}
+    results["random_init"] = {
+        "knn_top1": knn_top1(build_backbone(arch, IMAGE_SIZE), bank_set, test_set, device, workers),
+        "eval_seconds": time.perf_counter() - started,
+    }
     print(f"{'random_init':12s} k-NN {results['random_init']['knn_top1']:6.2f}%", flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.methods:
@@ -124,32 +155,65 @@ def run(args) -> dict:
             torch.manual_seed(args.seed)
             method = TEACHERS[name](build_backbone(arch, IMAGE_SIZE), options, n_images=len(train_set))
             t0 = time.perf_counter()
-            result = train(method, train_set, cfg, Path(scratch) / name, stage=name, seed=args.seed, device=device,
-                           image_size=IMAGE_SIZE, workers=workers)
+            result = train(
+                method,
+                train_set,
+                cfg,
+                Path(scratch) / name,
+                stage=name,
+                seed=args.seed,
+                device=device,
+                image_size=IMAGE_SIZE,
+                workers=workers,
+            )
             t1 = time.perf_counter()
             top1 = knn_top1(method.backbone, bank_set, test_set, device, workers)
             t2 = time.perf_counter()
-            results[name] = {"knn_top1": top1, "final_loss": result.final_loss, "steps": result.steps,
-                             "images_seen": result.steps * batch_size, "train_seconds": t1 - t0,
-                             "eval_seconds": t2 - t1, "options": TEACHERS[name].Options(**options).model_dump()}
-            print(f"{name:12s} k-NN {top1:6.2f}%  loss {result.final_loss:8.4f}  train {t1 - t0:6.1f} s  "
-                  f"eval {t2 - t1:5.1f} s", flush=True)
+            results[name] = {
+                "knn_top1": top1,
+                "final_loss": result.final_loss,
+                "steps": result.steps,
+                "images_seen": result.steps * batch_size,
+                "train_seconds": t1 - t0,
+                "eval_seconds": t2 - t1,
+                "options": TEACHERS[name].Options(**options).model_dump(),
+            }
+            print(
+                f"{name:12s} k-NN {top1:6.2f}%  loss {result.final_loss:8.4f}  train {t1 - t0:6.1f} s  "
+                f"eval {t2 - t1:5.1f} s",
+                flush=True,
+            )
     return {
         "benchmark": "teachers",
         "machine": {**machine(device), "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}},
-        "data": {"dataset": "CIFAR-10", "train": {"split": "train", "images": len(train_set), "subset_seed": args.seed},
-                 "knn_bank": {"split": "train", "images": len(bank_set), "subset_seed": args.seed + 1},
-                 "scored": {"split": "test", "images": len(test_set), "subset_seed": args.seed},
-                 "image_size": IMAGE_SIZE},
-        "budget": {"preset": args.preset, "arch": arch, "epochs": epochs, "batch_size": batch_size,
-                   "steps": steps, "images_seen": steps * batch_size, "optimizer": "adamw", "lr": args.lr,
-                   "weight_decay": args.weight_decay, "schedule": "cosine, no warm-up", "seed": args.seed},
+        "data": {
+            "dataset": "CIFAR-10",
+            "train": {"split": "train", "images": len(train_set), "subset_seed": args.seed},
+            "knn_bank": {"split": "train", "images": len(bank_set), "subset_seed": args.seed + 1},
+            "scored": {"split": "test", "images": len(test_set), "subset_seed": args.seed},
+            "image_size": IMAGE_SIZE,
+        },
+        "budget": {
+            "preset": args.preset,
+            "arch": arch,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "steps": steps,
+            "images_seen": steps * batch_size,
+            "optimizer": "adamw",
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "schedule": "cosine, no warm-up",
+            "seed": args.seed,
+        },
         "knn": {"k": KNN.k, "t": KNN.t, "metric": "cosine, weighted vote exp(sim / t)"},
         "results": results,
         "wall_seconds": time.perf_counter() - started,
         "notes": [
-            ("images_seen counts source images: a two-view method sees two augmentations of each, rotation four "
-             "rotations, jigsaw nine tiles, rpl two patches, so compute per image differs by method"),
+            (
+                "images_seen counts source images: a two-view method sees two augmentations of each, rotation four "
+                "rotations, jigsaw nine tiles, rpl two patches, so compute per image differs by method"
+            ),
             "patch methods (jigsaw, jigsaw_pp, rpl) train their encoder on tiles and are scored on whole images",
         ],
     }
@@ -170,8 +234,9 @@ def parse(argv=None):
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=shared_data(), help="folder holding cifar10/{train,test}")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default benchmarks/results/teachers-<device>.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default benchmarks/results/teachers-<device>.json)"
+    )
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in TEACHERS]

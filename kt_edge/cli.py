@@ -20,13 +20,17 @@ from kt_edge.errors import Interrupted, KtEdgeError
 
 app = typer.Typer(
     help="Distil a large self-supervised teacher into a small student and export it to NVIDIA Jetson.\n\n"
-         "Typical use: kt-edge run recipes/quickstart.yaml (teacher -> distill -> eval -> export).",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    "Typical use: kt-edge run recipes/quickstart.yaml (teacher -> distill -> eval -> export).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 err = Console(stderr=True)
 
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
-SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="override a recipe key: -s distill.train.epochs=5",
-                                           show_default=False)]
+SetOpt = Annotated[
+    list[str], typer.Option("--set", "-s", help="override a recipe key: -s distill.train.epochs=5", show_default=False)
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the last resume point of a stopped stage")]
 
 
@@ -49,8 +53,10 @@ def _stopped(signum: int, _frame=None) -> None:
     except ValueError:  # not the main thread
         pass
     name = signal.Signals(signum).name
-    raise Interrupted(f"stopped by {name}; finished work (whole artifacts, feature shards) is kept: run the same "
-                      "command again to go on")
+    raise Interrupted(
+        f"stopped by {name}; finished work (whole artifacts, feature shards) is kept: run the same "
+        "command again to go on"
+    )
 
 
 def _friendly(func: Callable) -> Callable:
@@ -78,8 +84,12 @@ def _friendly(func: Callable) -> Callable:
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                _say("error", "bold red", f"out of disk space ({exc.strerror}); nothing partial was kept: "
-                     "free space and run the same command again (with --resume for training)")
+                _say(
+                    "error",
+                    "bold red",
+                    f"out of disk space ({exc.strerror}); nothing partial was kept: "
+                    "free space and run the same command again (with --resume for training)",
+                )
                 raise typer.Exit(1) from None
             finally:
                 for sig, handler in previous.items():
@@ -134,9 +144,11 @@ class FeatureSplit(str, Enum):
 
 @app.command("features")
 @_friendly
-def features_cmd(recipe: RecipeArg,
-                 split: Annotated[FeatureSplit, typer.Option(help="which data split to embed")] = FeatureSplit.train,
-                 set_: SetOpt = None):
+def features_cmd(
+    recipe: RecipeArg,
+    split: Annotated[FeatureSplit, typer.Option(help="which data split to embed")] = FeatureSplit.train,
+    set_: SetOpt = None,
+):
     """Extract the run teacher's features of a split to runs/<name>/features/<split>/ (resumes finished shards)."""
     from kt_edge.stages.features import features_stage
 
@@ -196,9 +208,11 @@ class DataSplit(str, Enum):
 
 @data_app.command("cache")
 @_friendly
-def data_cache_cmd(recipe: RecipeArg,
-                   split: Annotated[DataSplit, typer.Option(help="which data split to decode")] = DataSplit.train,
-                   set_: SetOpt = None):
+def data_cache_cmd(
+    recipe: RecipeArg,
+    split: Annotated[DataSplit, typer.Option(help="which data split to decode")] = DataSplit.train,
+    set_: SetOpt = None,
+):
     """Decode a split once into a uint8 array at data.image_size (resumable); train on it with data.cache: true."""
     from kt_edge.stages.inputs import cache_data
 
@@ -254,5 +268,7 @@ def methods_cmd():
             typer.echo(f"{section}.method: {name}  ({(method.__doc__ or '').strip().splitlines()[0]})")
             for key, value in method.Options().model_dump().items():
                 typer.echo(f"    {section}.options.{key} = {value}")
-    typer.echo("distill.method may also be any teacher method: the student then trains alone, with no teacher "
-               "(the baseline distillation must beat)")
+    typer.echo(
+        "distill.method may also be any teacher method: the student then trains alone, with no teacher "
+        "(the baseline distillation must beat)"
+    )

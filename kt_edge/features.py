@@ -304,8 +304,7 @@ class FeatureStore:
             index = json.loads(index_path.read_text())
         except ValueError:
             index = None
-        if (not isinstance(index, dict) or index.get("format") != STORE_FORMAT
-                or index.get("version") != STORE_VERSION):
+        if not isinstance(index, dict) or index.get("format") != STORE_FORMAT or index.get("version") != STORE_VERSION:
             raise DataError(f"{index_path} is not a {STORE_FORMAT} v{STORE_VERSION} index")
         feats, labels = [], []
         for s in index["shards"]:
@@ -313,8 +312,10 @@ class FeatureStore:
                 f = np.load(root / s["features"], mmap_mode="r", allow_pickle=False)
                 y = np.load(root / s["labels"], mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise DataError(f"shard {s['features']} in {root} is missing or unreadable "
-                                f"({exc.__class__.__name__}); extract the features again") from None
+                raise DataError(
+                    f"shard {s['features']} in {root} is missing or unreadable "
+                    f"({exc.__class__.__name__}); extract the features again"
+                ) from None
             if f.shape != (s["n"], index["dim"]) or y.shape != (s["n"],):
                 raise DataError(f"shard {s['features']} in {root} does not match {INDEX_NAME}")
             feats.append(f)

@@ -198,8 +198,7 @@ def engine(use_gpu: UseGpu = "auto", collective: bool = False) -> str:
     if use_gpu is True and gpu is None:
         raise RuntimeError("cluster.use_gpu is true, but neither faiss nor torch sees a GPU")
     if gpu is None and not _cpu_fallback_reported:
-        log.warning("no GPU for k-means (faiss-cpu build, no CUDA device): faiss runs on the CPU, %d threads",
-                    cores())
+        log.warning("no GPU for k-means (faiss-cpu build, no CUDA device): faiss runs on the CPU, %d threads", cores())
         _cpu_fallback_reported = True
     return gpu or "faiss-cpu"
 
@@ -237,8 +236,15 @@ class KMeansResult:
         return self.objective_history[-1]
 
 
-def fit_kmeans(x: np.ndarray | torch.Tensor, k: int, niter: int = 20, seed: int = 0, use_gpu: UseGpu = "auto",
-               collective: bool = False, engine_name: str | None = None) -> KMeansResult:
+def fit_kmeans(
+    x: np.ndarray | torch.Tensor,
+    k: int,
+    niter: int = 20,
+    seed: int = 0,
+    use_gpu: UseGpu = "auto",
+    collective: bool = False,
+    engine_name: str | None = None,
+) -> KMeansResult:
     """k-means of the training points ``x``, by the engine ``use_gpu`` picks, or by ``engine_name``
     (``faiss-cpu``, ``faiss-gpu``, ``torch``) to compare them. ``collective``: every rank of a torchrun group
     calls it with its share of the points. ``x`` may be a torch tensor already on the GPU (torch engine)."""
@@ -255,36 +261,44 @@ def fit_kmeans(x: np.ndarray | torch.Tensor, k: int, niter: int = 20, seed: int 
 
         faiss.omp_set_num_threads(cores())
         gpus = faiss.get_num_gpus() if chosen == "faiss-gpu" else False
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=max(1, -(-n // k)),
-                          gpu=gpus)
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=max(1, -(-n // k)), gpu=gpus)
         km.train(np.ascontiguousarray(x, dtype=np.float32))
         centroids, history = np.ascontiguousarray(km.centroids, dtype=np.float32), [float(v) for v in km.obj]
     return KMeansResult(centroids, history, time.perf_counter() - started, n, chosen)
 
 
-def _torch_kmeans(x: np.ndarray | torch.Tensor, k: int, niter: int, seed: int, n: int, collective: bool
-                  ) -> tuple[np.ndarray, list[float]]:
+def _torch_kmeans(
+    x: np.ndarray | torch.Tensor, k: int, niter: int, seed: int, n: int, collective: bool
+) -> tuple[np.ndarray, list[float]]:
     """Lloyd's iterations in torch: assignment as one matrix product per block; ``collective``: the sums are
     all-reduced over the ranks, each holding a share of the points."""
     device = _device()
-    points = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-              ).to(device, torch.float32)
+    points = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).to(
+        device, torch.float32
+    )
     total = distributed.all_reduce_sum if collective else (lambda t: t)
     offset = 0
     if collective:  # this rank's first row in the global order
-        offset = sum(distributed.concat_all_gather(torch.tensor([len(points)], device=device)).tolist()[
-            :distributed.rank()])
+        offset = sum(
+            distributed.concat_all_gather(torch.tensor([len(points)], device=device)).tolist()[: distributed.rank()]
+        )
     first = first_centroids(n, k, seed)
     mine = (first >= offset) & (first < offset + len(points))
     centroids = torch.zeros(k, points.shape[1], device=device)
-    centroids[torch.from_numpy(np.flatnonzero(mine)).to(device)] = points[torch.from_numpy(first[mine] - offset).to(device)]
+    centroids[torch.from_numpy(np.flatnonzero(mine)).to(device)] = points[
+        torch.from_numpy(first[mine] - offset).to(device)
+    ]
     centroids = total(centroids)
     rng, history = np.random.default_rng(seed + 1), []
     for _ in range(niter):
-        sums, counts, objective = torch.zeros_like(centroids), torch.zeros(k, device=device), torch.zeros((), device=device)
+        sums, counts, objective = (
+            torch.zeros_like(centroids),
+            torch.zeros(k, device=device),
+            torch.zeros((), device=device),
+        )
         c2 = (centroids * centroids).sum(1)
         for lo in range(0, len(points), DEFAULT_BATCH):
-            block = points[lo:lo + DEFAULT_BATCH]
+            block = points[lo : lo + DEFAULT_BATCH]
             distance = (block * block).sum(1, keepdim=True) - 2 * block @ centroids.T + c2
             nearest, label = distance.min(1)
             sums.index_add_(0, label, block)
@@ -323,8 +337,13 @@ def _split_empty(centroids: torch.Tensor, sizes: np.ndarray, n: int, rng: np.ran
     return centroids
 
 
-def assign(source: Source, centroids: np.ndarray, batch_size: int = DEFAULT_BATCH,
-           preprocess: Preprocessing | None = None, use_gpu: UseGpu = False) -> tuple[np.ndarray, np.ndarray]:
+def assign(
+    source: Source,
+    centroids: np.ndarray,
+    batch_size: int = DEFAULT_BATCH,
+    preprocess: Preprocessing | None = None,
+    use_gpu: UseGpu = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (L2) of every row: int64 labels [N] and float32 squared distances [N], streamed."""
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     chosen = engine(use_gpu)
@@ -349,6 +368,7 @@ def assign(source: Source, centroids: np.ndarray, batch_size: int = DEFAULT_BATC
         def search(block):
             d, i = index.search(block, 1)
             return d[:, 0], i[:, 0]
+
     n = _rows(source)
     labels, distances = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
     row = 0
@@ -357,7 +377,7 @@ def assign(source: Source, centroids: np.ndarray, batch_size: int = DEFAULT_BATC
             block = preprocess(block)
         if block.shape[1] != centroids.shape[1]:
             raise ValueError(f"features have dim {block.shape[1]} after preprocessing, centroids {centroids.shape[1]}")
-        distances[row:row + len(block)], labels[row:row + len(block)] = search(block)
+        distances[row : row + len(block)], labels[row : row + len(block)] = search(block)
         row += len(block)
     return labels, distances
 
@@ -381,9 +401,17 @@ class ClusterModel:
         return assign(source, self.centroids, preprocess=self.preprocess, use_gpu=use_gpu)
 
 
-def fit_clusters(source: Source, k: int, pca_dim: int | None = None, normalize: bool = True, niter: int = 20,
-                 seed: int = 0, max_points_per_centroid: int = 256, use_gpu: UseGpu = "auto",
-                 collective: bool = False) -> tuple[ClusterModel, KMeansResult]:
+def fit_clusters(
+    source: Source,
+    k: int,
+    pca_dim: int | None = None,
+    normalize: bool = True,
+    niter: int = 20,
+    seed: int = 0,
+    max_points_per_centroid: int = 256,
+    use_gpu: UseGpu = "auto",
+    collective: bool = False,
+) -> tuple[ClusterModel, KMeansResult]:
     """The full recipe: one bounded sample -> fit PCA-whitening on it -> preprocess -> k-means.
 
     ``collective``: every rank of a torchrun group calls it, and each reads and clusters its share of the sample.
@@ -397,8 +425,15 @@ def fit_clusters(source: Source, k: int, pca_dim: int | None = None, normalize: 
         pca = PCAWhitening.fit(sample_rows(source, m, seed) if shared else sample, pca_dim, seed=seed)
     prep = Preprocessing(pca, normalize)
     result = fit_kmeans(prep(sample), k, niter=niter, seed=seed, use_gpu=use_gpu, collective=collective)
-    meta = {"k": k, "niter": niter, "seed": seed, "n_train": result.n_train, "objective": result.objective,
-            "seconds": result.seconds, "engine": result.engine}
+    meta = {
+        "k": k,
+        "niter": niter,
+        "seed": seed,
+        "n_train": result.n_train,
+        "objective": result.objective,
+        "seconds": result.seconds,
+        "engine": result.engine,
+    }
     if isinstance(source, FeatureStore):
         meta["features_fingerprint"] = source.fingerprint
     return ClusterModel(result.centroids, prep, meta), result

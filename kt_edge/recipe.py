@@ -81,13 +81,18 @@ class DataConfig(Strict):
     test: DataSource | None = None  # labelled split for evaluation; the k-NN bank is `train`
     image_size: int = Field(default=32, ge=16, le=512)
     workers: int = Field(default=2, ge=0)
-    cache: bool = Field(default=False, description="train from a uint8 copy decoded at image_size "
-                        "(`kt-edge data cache`; built on first use when missing)")
+    cache: bool = Field(
+        default=False,
+        description="train from a uint8 copy decoded at image_size "
+        "(`kt-edge data cache`; built on first use when missing)",
+    )
     cache_dir: Path = Path("cache")
     augment: Literal["auto", "per_sample", "batched"] = Field(
-        default="auto", description="per_sample: decode and augment each image in DataLoader workers; "
+        default="auto",
+        description="per_sample: decode and augment each image in DataLoader workers; "
         "batched: augment whole uint8 batches on the device (needs data.cache, or CIFAR pickles at their "
-        "32px); auto: batched on CUDA when the images are in such an array, per_sample otherwise")
+        "32px); auto: batched on CUDA when the images are in such an array, per_sample otherwise",
+    )
 
 
 class TrainConfig(Strict):
@@ -101,15 +106,23 @@ class TrainConfig(Strict):
     weight_decay: float = Field(default=5e-4, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     warmup_epochs: float = Field(default=0.0, ge=0)
-    log_every: int = Field(default=10, ge=1, description="steps between logged scalars (the only host syncs of "
-                           "the loop: the NaN guard, a stop signal and a due resume point are checked there)")
-    checkpoint_every: int | None = Field(default=None, ge=1, description="steps between resume points; unset: "
-                                         "every checkpoint_minutes")
-    checkpoint_minutes: float = Field(default=5.0, gt=0, description="minutes between resume points "
-                                      "(checked every log_every steps)")
+    log_every: int = Field(
+        default=10,
+        ge=1,
+        description="steps between logged scalars (the only host syncs of "
+        "the loop: the NaN guard, a stop signal and a due resume point are checked there)",
+    )
+    checkpoint_every: int | None = Field(
+        default=None, ge=1, description="steps between resume points; unset: every checkpoint_minutes"
+    )
+    checkpoint_minutes: float = Field(
+        default=5.0, gt=0, description="minutes between resume points (checked every log_every steps)"
+    )
     sync_batchnorm: bool | Literal["auto"] = Field(
-        default="auto", description="SyncBatchNorm under torchrun (GPUs only); auto: on for methods that use it in "
-        "their official code (BYOL, SimCLR, Barlow Twins)")
+        default="auto",
+        description="SyncBatchNorm under torchrun (GPUs only); auto: on for methods that use it in "
+        "their official code (BYOL, SimCLR, Barlow Twins)",
+    )
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # NHWC activations and weights on CUDA (faster convolutions); ignored on CPU
     compile: bool = False  # torch.compile the networks: slow first steps, faster ones after
@@ -120,9 +133,11 @@ class TeacherConfig(Strict):
     method: str = "moco"
     checkpoint: Path | None = None  # import instead of training
     format: Literal["auto", "kt-edge", "torchvision", "moco", "swav", "dino", "timm"] = Field(
-        default="auto", description="layout of teacher.checkpoint; auto reads it from the keys")
+        default="auto", description="layout of teacher.checkpoint; auto reads it from the keys"
+    )
     layer: Literal["layer1", "layer2", "layer3", "layer4", "conv1", "conv2", "conv3", "conv4", "conv5"] | None = Field(
-        default=None, description="the layer whose pooled output is the teacher's embedding (default: the last)")
+        default=None, description="the layer whose pooled output is the teacher's embedding (default: the last)"
+    )
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=200, lr=0.06))
     options: dict[str, Any] = Field(default_factory=dict, description="method options, see `kt-edge methods`")
 
@@ -148,8 +163,9 @@ class DistillConfig(Strict):
         from kt_edge.transfer import DISTILLERS
 
         # A teacher method here trains the student alone: the baseline distillation must beat.
-        self.options = _validate_options("distill", self.method, self.options, {**DISTILLERS, **TEACHERS},
-                                         self.train.batch_size)
+        self.options = _validate_options(
+            "distill", self.method, self.options, {**DISTILLERS, **TEACHERS}, self.train.batch_size
+        )
         return self
 
 
@@ -176,7 +192,8 @@ class EvalConfig(Strict):
 
     protocols: list[str] = Field(
         default_factory=lambda: ["knn", "linear", "clusters"],
-        description="knn, linear, clusters, and few-label probes linear_<P>pct (e.g. linear_1pct, linear_10pct)")
+        description="knn, linear, clusters, and few-label probes linear_<P>pct (e.g. linear_1pct, linear_10pct)",
+    )
     knn: list[KnnConfig] = Field(default_factory=lambda: [KnnConfig(k=200, t=0.1), KnnConfig(k=20, t=0.07)])
     linear: Linear = Field(default_factory=Linear)
     transfer: Transfer | None = None
@@ -215,10 +232,14 @@ class Int8Config(Strict):
     """How the int8 model is quantized; all of it is recorded in the bundle's manifest."""
 
     target: Literal["tensorrt", "onnxruntime"] = Field(
-        default="tensorrt", description="tensorrt: symmetric int8, Q/DQ where TensorRT wants it; onnxruntime: "
-        "uint8 activations and 7-bit weights, exact and fast on ONNX Runtime's CPU kernels")
-    keep_float: list[str] = Field(default_factory=list, description="op types (HardSwish) or node-name globs "
-                                  "(/features/*/block.2/*) that stay float")
+        default="tensorrt",
+        description="tensorrt: symmetric int8, Q/DQ where TensorRT wants it; onnxruntime: "
+        "uint8 activations and 7-bit weights, exact and fast on ONNX Runtime's CPU kernels",
+    )
+    keep_float: list[str] = Field(
+        default_factory=list,
+        description="op types (HardSwish) or node-name globs (/features/*/block.2/*) that stay float",
+    )
     quantize_output: bool = Field(default=False, description="also quantize the output embedding")
 
 
@@ -228,8 +249,9 @@ class ExportConfig(Strict):
     precisions: list[Literal["fp32", "fp16", "int8"]] = Field(default_factory=lambda: ["fp32"])
     calibration: int = Field(default=512, ge=1, description="images for int8 calibration")
     int8: Int8Config = Field(default_factory=Int8Config)
-    sign_key: Path | None = Field(default=None, description="Ed25519 private key (unencrypted PEM) that signs the "
-                                  "bundle's manifest")
+    sign_key: Path | None = Field(
+        default=None, description="Ed25519 private key (unencrypted PEM) that signs the bundle's manifest"
+    )
     rtol: float = Field(default=1e-3, gt=0)
     atol: float = Field(default=1e-5, gt=0)
     min_cosine_fp32: float = Field(default=0.99999, gt=0, le=1)

@@ -40,10 +40,16 @@ def hold(run_dir: Path, command: str) -> Iterator[None]:
         if previous:
             if not verified and _running(previous):
                 raise RunDirBusy(_busy(run_dir, previous))
-            warnings.warn(f"{run_dir}: took over the lock of {_describe(previous)}, which ended without "
-                          "releasing it (killed?)", stacklevel=3)
-        me = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
-              "since": dt.datetime.now().isoformat(timespec="seconds")}
+            warnings.warn(
+                f"{run_dir}: took over the lock of {_describe(previous)}, which ended without releasing it (killed?)",
+                stacklevel=3,
+            )
+        me = {
+            "command": command,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": dt.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         try:
@@ -101,10 +107,14 @@ def _describe(holder: dict) -> str:
     if not holder:
         return "another kt-edge command (starting up)"
     since = f", since {holder['since']}" if holder.get("since") else ""
-    return (f"`kt-edge {holder.get('command', '?')}` (PID {holder.get('pid', '?')} on host "
-            f"{holder.get('host', '?')}{since})")
+    return (
+        f"`kt-edge {holder.get('command', '?')}` (PID {holder.get('pid', '?')} on host "
+        f"{holder.get('host', '?')}{since})"
+    )
 
 
 def _busy(run_dir: Path, holder: dict) -> str:
-    return (f"{run_dir} is in use by {_describe(holder)}: one command at a time per run directory; wait for it "
-            "to end or stop it, or give this run another name")
+    return (
+        f"{run_dir} is in use by {_describe(holder)}: one command at a time per run directory; wait for it "
+        "to end or stop it, or give this run another name"
+    )

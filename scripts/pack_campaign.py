@@ -19,8 +19,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 2**20
-WHEELS = ("pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
-          "typing-extensions==4.16.0", "onnxslim==0.1.98")  # for the device's Python 3.12 on x86-64
+WHEELS = (
+    "pydantic==2.14.4",
+    "pydantic-core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0",
+    "onnxslim==0.1.98",
+)  # for the device's Python 3.12 on x86-64
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 
@@ -38,16 +44,33 @@ def copy_cifar10(source: Path, target: Path) -> int:
 def download_wheels(folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-               "3.12", "--implementation", "cp", *[f"--platform={p}" for p in PLATFORMS], "-d", str(folder),
-               *WHEELS]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        *[f"--platform={p}" for p in PLATFORMS],
+        "-d",
+        str(folder),
+        *WHEELS,
+    ]
     subprocess.run(command, check=True)
 
 
 def travelling_bytes(carry: list[Path]) -> int:
     """What a device call sends: the files git tracks or would track, plus the carried folders."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.split(b"\0")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     tree = sum((REPO / name.decode()).stat().st_size for name in listed if name and (REPO / name.decode()).is_file())
     return tree + sum(f.stat().st_size for folder in carry for f in folder.rglob("*") if f.is_file())
 

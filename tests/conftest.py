@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from sample_kit import tiny_recipe_dict
 
 

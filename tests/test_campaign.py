@@ -7,19 +7,33 @@ import sys
 import time
 
 import pytest
+from sample_kit import REPO
 
 from kt_edge.models.importers import import_teacher
 from kt_edge.models.parts import MAX_PART_BYTES
-from sample_kit import REPO
 
 STEPS = ["machine", "gpu_tests", "throughput", "kmeans", "plan", "teacher", "students", "export"]  # in order
 
 
 def _campaign(tmp_path, budget: float) -> tuple[dict, float]:
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "benchmarks/campaign.py", "--smoke", "--out", str(tmp_path / "out"),
-                           "--budget", str(budget), "--runs-dir", str(tmp_path / "runs")], cwd=REPO,
-                          capture_output=True, text=True, timeout=budget + 120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/campaign.py",
+            "--smoke",
+            "--out",
+            str(tmp_path / "out"),
+            "--budget",
+            str(budget),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=budget + 120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((tmp_path / "out" / "campaign.json").read_text()), time.monotonic() - started
 
@@ -44,8 +58,9 @@ def test_every_step_runs_or_says_why_not(rehearsal):
 def test_students_of_every_method_are_scored_at_equal_images_seen(rehearsal):
     _, report = rehearsal
     cells = report["steps"]["students"]["cells"]
-    assert [c["cell"] for c in cells] == [f"{s} {m}" for s in ("resnet18", "alexnet")
-                                          for m in ("seed", "compress-2q", "clusterfit", "alone")]
+    assert [c["cell"] for c in cells] == [
+        f"{s} {m}" for s in ("resnet18", "alexnet") for m in ("seed", "compress-2q", "clusterfit", "alone")
+    ]
     students = [r for r in report["grid"] if r["role"] in ("student", "alone")]
     assert len({r["images_seen"] for r in students}) == 1  # equal images seen, by construction
     assert all("knn_k200_t0.1" in r["metrics"] and "linear_top1" in r["metrics"] for r in report["grid"])

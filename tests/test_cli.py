@@ -5,11 +5,11 @@ import json
 import numpy as np
 import onnx
 import pytest
+from kt_edge_runtime.bundle import load_bundle
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
-from kt_edge_runtime.bundle import load_bundle
 
 runner = CliRunner()
 
@@ -22,8 +22,8 @@ def invoke(*args):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One tiny run through train-teacher, distill, eval and export, shared by the tests below."""
-    from sample_kit import tiny_recipe_dict
     import yaml
+    from sample_kit import tiny_recipe_dict
 
     root = tmp_path_factory.mktemp("cli")
     recipe = root / "recipe.yaml"
@@ -36,8 +36,16 @@ def test_each_stage_succeeds_and_writes_its_artifact(trained_run):
     recipe, run_dir, outputs = trained_run
     for cmd, result in outputs.items():
         assert result.exit_code == 0, f"{cmd}: {result.output}"
-    for path in ("recipe.yaml", "metrics.jsonl", "teacher/model.safetensors", "teacher/model.json",
-                 "student/model.safetensors", "student/model.json", "eval/results.json", "bundle/manifest.json"):
+    for path in (
+        "recipe.yaml",
+        "metrics.jsonl",
+        "teacher/model.safetensors",
+        "teacher/model.json",
+        "student/model.safetensors",
+        "student/model.json",
+        "eval/results.json",
+        "bundle/manifest.json",
+    ):
         assert (run_dir / path).is_file(), path
     stages = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert stages == {"teacher", "distill"}
@@ -114,12 +122,24 @@ def test_signed_int8_export_for_onnxruntime_records_how_it_was_quantized(trained
     recipe, run_dir, _ = trained_run
     key = ed25519.Ed25519PrivateKey.generate()
     private, public = tmp_path / "edge.pem", tmp_path / "edge.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    result = invoke("export", recipe, "-s", "export.precisions=[fp32, int8]", "-s", "export.int8.target=onnxruntime",
-                    "-s", "export.int8.keep_float=[GlobalAveragePool]", "-s", f"export.sign_key={private}")
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    result = invoke(
+        "export",
+        recipe,
+        "-s",
+        "export.precisions=[fp32, int8]",
+        "-s",
+        "export.int8.target=onnxruntime",
+        "-s",
+        "export.int8.keep_float=[GlobalAveragePool]",
+        "-s",
+        f"export.sign_key={private}",
+    )
     assert result.exit_code == 0, result.output
     bundle_dir = run_dir / "bundle"
     manifest = load_bundle(bundle_dir, public)  # signed by our key

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 from PIL import Image
+from sample_kit import SAMPLE
 
 from kt_edge.data.sources import open_images
 from kt_edge.errors import DataError
-
-from sample_kit import SAMPLE
 
 
 def _folder_with_bad_files(root):

@@ -39,8 +39,13 @@ class Tensors(Dataset):
 
 def small_model(dim=16):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
-                               torch.nn.Flatten(), torch.nn.Linear(32, dim))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, dim),
+    )
 
 
 def test_embed_matches_direct_forward_and_keeps_train_mode():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
-
 from sample_kit import REPO
 
 PACKAGE = REPO / "kt_edge"
@@ -47,8 +46,15 @@ def test_no_module_of_kt_edge_imports_itself_back():
     assert not cycles, "import circles: " + "; ".join(" -> ".join(c + c[:1]) for c in cycles[:10])
 
 
-@pytest.mark.parametrize("low, high", [("kt_edge.evaluate", "kt_edge.transfer"), ("kt_edge.engine", "kt_edge.stages"),
-                                       ("kt_edge.models", "kt_edge.stages"), ("kt_edge.kmeans", "kt_edge.evaluate")])
+@pytest.mark.parametrize(
+    "low, high",
+    [
+        ("kt_edge.evaluate", "kt_edge.transfer"),
+        ("kt_edge.engine", "kt_edge.stages"),
+        ("kt_edge.models", "kt_edge.stages"),
+        ("kt_edge.kmeans", "kt_edge.evaluate"),
+    ],
+)
 def test_lower_layers_never_import_higher_ones(low, high):
     graph = import_graph()
     wrong = [(a, b) for a, b in graph.edges if a.startswith(low) and b.startswith(high)]
@@ -59,7 +65,9 @@ def test_validating_a_recipe_imports_neither_faiss_nor_scikit_learn():
     import subprocess
     import sys
 
-    code = ("import sys; from kt_edge.recipe import load_recipe; load_recipe('recipes/quickstart.yaml'); "
-            "print(sorted(m for m in ('faiss', 'sklearn', 'scipy') if m in sys.modules))")
+    code = (
+        "import sys; from kt_edge.recipe import load_recipe; load_recipe('recipes/quickstart.yaml'); "
+        "print(sorted(m for m in ('faiss', 'sklearn', 'scipy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -32,8 +32,9 @@ def test_seed(n, dim, queue, tau_s, tau_t):
     s, t, bank, _ = _inputs(n, dim, queue)
     q = bank.T  # the official queue is dim x K
     logit_stu = torch.cat([torch.einsum("nc,nc->n", s, t)[:, None], torch.einsum("nc,ck->nk", s, q)], 1) / tau_s
-    logit_tea = F.softmax(torch.cat([torch.einsum("nc,nc->n", t, t)[:, None], torch.einsum("nc,ck->nk", t, q)], 1)
-                          / tau_t, dim=1)
+    logit_tea = F.softmax(
+        torch.cat([torch.einsum("nc,nc->n", t, t)[:, None], torch.einsum("nc,ck->nk", t, q)], 1) / tau_t, dim=1
+    )
     official = torch.sum(-logit_tea * F.log_softmax(logit_stu, dim=1), dim=1).mean()  # soft cross-entropy
     torch.testing.assert_close(seed_loss(s, t, bank, tau_s, tau_t), official, rtol=1e-6, atol=1e-6)
 
@@ -42,10 +43,14 @@ def test_seed(n, dim, queue, tau_s, tau_t):
 @pytest.mark.parametrize("tau", [0.04, 0.2])
 def test_compress(n, dim, queue, tau):
     s, t, teacher_bank, student_bank = _inputs(n, dim, queue)
-    official = F.kl_div(F.log_softmax(torch.mm(student_bank, s.T).T / tau, dim=1),
-                        F.softmax(torch.mm(teacher_bank, t.T).T / tau, dim=1), reduction="batchmean")
-    torch.testing.assert_close(compress_loss(s, t, student_bank, teacher_bank, tau, tau), official, rtol=1e-6,
-                               atol=1e-6)
+    official = F.kl_div(
+        F.log_softmax(torch.mm(student_bank, s.T).T / tau, dim=1),
+        F.softmax(torch.mm(teacher_bank, t.T).T / tau, dim=1),
+        reduction="batchmean",
+    )
+    torch.testing.assert_close(
+        compress_loss(s, t, student_bank, teacher_bank, tau, tau), official, rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("n, dim, queue", SIZES)

@@ -8,6 +8,7 @@ host to read a value (``.item()``, ``nonzero()``), which would stall the GPU's q
 import numpy as np
 import pytest
 import torch
+from sample_kit import fixed_batch, sample_images
 
 from kt_edge.engine.method import Method, Needs, needs
 from kt_edge.engine.queue import queue_options
@@ -16,7 +17,6 @@ from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.teachers import TEACHERS, tiles
 from kt_edge.transfer import DISTILLERS
 from kt_edge.transfer.cached_teacher import CachedTeacher
-from sample_kit import fixed_batch, sample_images
 
 META = torch.device("meta")
 N = 8
@@ -93,7 +93,10 @@ def _method_list():
 METHODS = list(_method_list())
 
 
-def _build(kind, name, device=torch.device("cpu")):
+CPU = torch.device("cpu")
+
+
+def _build(kind, name, device=CPU):
     """The method, and how to make its batch: (registry name, options)."""
     if kind == "teacher":
         return _teacher_method(name), (name, TEACHER_OPTIONS[name])
@@ -108,8 +111,9 @@ def test_every_registered_method_keeps_the_method_contract():
 
 
 @pytest.mark.parametrize("kind, name", METHODS)
-def test_one_step_is_finite_hands_on_its_backbone_and_round_trips_its_state(kind, name, tmp_path, monkeypatch,
-                                                                            one_thread):
+def test_one_step_is_finite_hands_on_its_backbone_and_round_trips_its_state(
+    kind, name, tmp_path, monkeypatch, one_thread
+):
     monkeypatch.setenv(tiles.CACHE_ENV, str(tmp_path / "cache"))
     method, registry = _build(kind, name)
     out = method.training_step(_batch(method, *registry))
@@ -124,8 +128,9 @@ def test_one_step_is_finite_hands_on_its_backbone_and_round_trips_its_state(kind
 
 
 @pytest.mark.parametrize("kind, name", METHODS)
-def test_a_step_keeps_every_tensor_on_the_device_and_never_reads_one_back(kind, name, tmp_path, monkeypatch,
-                                                                          one_thread):
+def test_a_step_keeps_every_tensor_on_the_device_and_never_reads_one_back(
+    kind, name, tmp_path, monkeypatch, one_thread
+):
     monkeypatch.setenv(tiles.CACHE_ENV, str(tmp_path / "cache"))
     method, registry = _build(kind, name, META)
     batch = _to(_batch(method, *registry), META)

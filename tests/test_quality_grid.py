@@ -17,16 +17,29 @@ spec.loader.exec_module(quality)
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
-    data = tiny_recipe_dict(root / "unused", teacher={"arch": "alexnet"},
-                            eval={"protocols": ["knn"], "knn": [{"k": 20, "t": 0.1}, {"k": 1, "t": 0.1}]},
-                            export={"calibration": 16})
-    data["data"].update(image_size=16, train={**data["data"]["train"], "subset": 96},
-                        test={**data["data"]["test"], "subset": 40})
+    data = tiny_recipe_dict(
+        root / "unused",
+        teacher={"arch": "alexnet"},
+        eval={"protocols": ["knn"], "knn": [{"k": 20, "t": 0.1}, {"k": 1, "t": 0.1}]},
+        export={"calibration": 16},
+    )
+    data["data"].update(
+        image_size=16, train={**data["data"]["train"], "subset": 96}, test={**data["data"]["test"], "subset": 40}
+    )
     for section in ("teacher", "distill"):
         data[section]["train"]["max_steps"] = 2
     (root / "tiny.yaml").write_text(yaml.safe_dump(data))
-    args = [str(root / "tiny.yaml"), "--students", "alexnet", "--methods", "seed,alone",
-            "--runs-dir", str(root / "runs"), "--out", str(root / "grid.json")]
+    args = [
+        str(root / "tiny.yaml"),
+        "--students",
+        "alexnet",
+        "--methods",
+        "seed,alone",
+        "--runs-dir",
+        str(root / "runs"),
+        "--out",
+        str(root / "grid.json"),
+    ]
     quality.main(args)
     return root, args
 

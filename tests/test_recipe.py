@@ -1,11 +1,10 @@
 import pytest
+from sample_kit import REPO, tiny_recipe_dict
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
 from kt_edge.errors import RecipeError
 from kt_edge.recipe import load_recipe, recipe_from_dict
-
-from sample_kit import REPO, tiny_recipe_dict
 
 
 def test_quickstart_recipe_is_valid():
@@ -22,22 +21,27 @@ def test_the_gpu_teacher_quick_start_imports_the_shipped_slot():
 
 
 def test_override_any_field(tmp_path):
-    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path), ["distill.train.epochs=7", "distill.options.tau_student=0.1",
-                                                           "data.train.subset=100"])
+    recipe = recipe_from_dict(
+        tiny_recipe_dict(tmp_path),
+        ["distill.train.epochs=7", "distill.options.tau_student=0.1", "data.train.subset=100"],
+    )
     assert recipe.distill.train.epochs == 7
     assert recipe.distill.options["tau_student"] == 0.1
     assert recipe.data.train.subset == 100
 
 
-@pytest.mark.parametrize("override, message", [
-    ("teacher.optons.queue=5", "unknown key 'teacher.optons'"),
-    ("teacher.options.qeue=5", "unknown key 'teacher.options.qeue'"),
-    ("teacher.method=nope", "unknown teacher.method 'nope'"),
-    ("data.image_size=big", "data.image_size"),
-    ("distill.train.lr=-1", "distill.train.lr"),
-    ("distill.student=vgg", "distill.student"),
-    ("noequals", "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("teacher.optons.queue=5", "unknown key 'teacher.optons'"),
+        ("teacher.options.qeue=5", "unknown key 'teacher.options.qeue'"),
+        ("teacher.method=nope", "unknown teacher.method 'nope'"),
+        ("data.image_size=big", "data.image_size"),
+        ("distill.train.lr=-1", "distill.train.lr"),
+        ("distill.student=vgg", "distill.student"),
+        ("noequals", "expected KEY=VALUE"),
+    ],
+)
 def test_bad_values_are_one_line_errors(tmp_path, override, message):
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(tiny_recipe_dict(tmp_path), [override])
@@ -69,12 +73,15 @@ def test_digest_tracks_only_named_inputs(tmp_path):
     assert a.digest("distill") != b.digest("distill")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("distill.options.queue=48", "distill.options.queue 48 must be a multiple of distill.train.batch_size 32"),
-    ("distill.options.queue=16", "distill.options.queue 16 must be a multiple of distill.train.batch_size 32"),
-    ("teacher.options.queue=100", "teacher.options.queue 100 must be a multiple of teacher.train.batch_size 32"),
-    ("distill.method=compress", "distill.options.bank 64 must be a multiple of distill.train.batch_size 48"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("distill.options.queue=48", "distill.options.queue 48 must be a multiple of distill.train.batch_size 32"),
+        ("distill.options.queue=16", "distill.options.queue 16 must be a multiple of distill.train.batch_size 32"),
+        ("teacher.options.queue=100", "teacher.options.queue 100 must be a multiple of teacher.train.batch_size 32"),
+        ("distill.method=compress", "distill.options.bank 64 must be a multiple of distill.train.batch_size 48"),
+    ],
+)
 def test_queues_and_banks_are_whole_global_batches_before_any_compute(tmp_path, override, message):
     """The official MoCo and SEED code asserts K % batch == 0: no batch may wrap around the queue's end."""
     extra = ["distill.train.batch_size=48", "distill.options={bank: 64}"] if "compress" in override else []

@@ -15,8 +15,8 @@ def test_seed_loss_matches_hand_computation():
     queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
     tau_s, tau_t = 0.5, 0.25
     # logits with the teacher's own embedding prepended as the positive
-    zs = [1.0 * 0.6, 0.0, -1.0]          # s.t, s.q1, s.q2
-    zt = [1.0, 0.8, -0.6]                 # t.t, t.q1, t.q2
+    zs = [1.0 * 0.6, 0.0, -1.0]  # s.t, s.q1, s.q2
+    zt = [1.0, 0.8, -0.6]  # t.t, t.q1, t.q2
     target = [math.exp(z / tau_t) for z in zt]
     target = [p / sum(target) for p in target]
     log_norm = math.log(sum(math.exp(z / tau_s) for z in zs))

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from sample_kit import SAMPLE
 
 from kt_edge.data.sources import open_images
 from kt_edge.engine.trainer import train
@@ -11,8 +12,6 @@ from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.recipe import TrainConfig
 from kt_edge.teachers.moco import MoCo
 from kt_edge.transfer.seed import Seed
-
-from sample_kit import SAMPLE
 
 CPU = torch.device("cpu")
 
@@ -24,9 +23,21 @@ def _seed_method(n_images):
 
 
 def _run(tmp_path, method, data, steps, resume=False):
-    cfg = TrainConfig(epochs=100, max_steps=steps, batch_size=16, optimizer="adamw", lr=2e-3, checkpoint_every=2, log_every=1)
-    return train(method, data, cfg, tmp_path, stage="distill", seed=0, device=CPU, image_size=32,
-                 resume=resume, metrics_path=tmp_path / "metrics.jsonl")
+    cfg = TrainConfig(
+        epochs=100, max_steps=steps, batch_size=16, optimizer="adamw", lr=2e-3, checkpoint_every=2, log_every=1
+    )
+    return train(
+        method,
+        data,
+        cfg,
+        tmp_path,
+        stage="distill",
+        seed=0,
+        device=CPU,
+        image_size=32,
+        resume=resume,
+        metrics_path=tmp_path / "metrics.jsonl",
+    )
 
 
 def test_training_lowers_the_loss(tmp_path):
@@ -104,8 +115,17 @@ def test_the_host_reads_scalars_only_every_log_every_steps(tmp_path, monkeypatch
     reads = []
     agree = distributed.agree
     monkeypatch.setattr(distributed, "agree", lambda scalars, flags: reads.append(1) or agree(scalars, flags))
-    train(_seed_method(len(data)), data, _cfg(max_steps=7, log_every=3), tmp_path, stage="distill", seed=0,
-          device=CPU, image_size=32, metrics_path=tmp_path / "metrics.jsonl")
+    train(
+        _seed_method(len(data)),
+        data,
+        _cfg(max_steps=7, log_every=3),
+        tmp_path,
+        stage="distill",
+        seed=0,
+        device=CPU,
+        image_size=32,
+        metrics_path=tmp_path / "metrics.jsonl",
+    )
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 7] and len(reads) == 3  # every third step, and the last
 
@@ -116,8 +136,9 @@ def test_resume_points_are_time_based_unless_steps_are_given(tmp_path, monkeypat
     data = open_images(SAMPLE / "train", subset=32, seed=0)
     written = []
     write = resume.write
-    monkeypatch.setattr(resume, "write", lambda path, method, opt, step, *a: written.append(step) or write(
-        path, method, opt, step, *a))
+    monkeypatch.setattr(
+        resume, "write", lambda path, method, opt, step, *a: written.append(step) or write(path, method, opt, step, *a)
+    )
     clock = {"now": 0.0}
 
     def tick():
@@ -125,16 +146,40 @@ def test_resume_points_are_time_based_unless_steps_are_given(tmp_path, monkeypat
         return clock["now"]
 
     monkeypatch.setattr(trainer, "clock", tick)
-    train(_seed_method(len(data)), data, _cfg(max_steps=8, log_every=2, checkpoint_minutes=1.0), tmp_path / "a",
-          stage="distill", seed=0, device=CPU, image_size=32)
+    train(
+        _seed_method(len(data)),
+        data,
+        _cfg(max_steps=8, log_every=2, checkpoint_minutes=1.0),
+        tmp_path / "a",
+        stage="distill",
+        seed=0,
+        device=CPU,
+        image_size=32,
+    )
     assert written == [4, 8]  # the clock is read at each logged step: a minute is due every other one
     written.clear()
-    train(_seed_method(len(data)), data, _cfg(max_steps=8, log_every=2, checkpoint_minutes=60.0), tmp_path / "b",
-          stage="distill", seed=0, device=CPU, image_size=32)
+    train(
+        _seed_method(len(data)),
+        data,
+        _cfg(max_steps=8, log_every=2, checkpoint_minutes=60.0),
+        tmp_path / "b",
+        stage="distill",
+        seed=0,
+        device=CPU,
+        image_size=32,
+    )
     assert written == [8]  # not due within the run: only the end
     written.clear()
-    train(_seed_method(len(data)), data, _cfg(max_steps=8, log_every=4, checkpoint_every=3), tmp_path / "c",
-          stage="distill", seed=0, device=CPU, image_size=32)
+    train(
+        _seed_method(len(data)),
+        data,
+        _cfg(max_steps=8, log_every=4, checkpoint_every=3),
+        tmp_path / "c",
+        stage="distill",
+        seed=0,
+        device=CPU,
+        image_size=32,
+    )
     assert written == [3, 6, 8]
 
 
@@ -149,8 +194,17 @@ def test_workers_live_across_epochs_and_change_no_result(tmp_path, monkeypatch):
     results = {}
     for workers in (0, 2):
         method = _seed_method(len(data))
-        train(method, data, _cfg(max_steps=6, log_every=6), tmp_path / str(workers), stage="distill", seed=0,
-              device=CPU, image_size=32, workers=workers)
+        train(
+            method,
+            data,
+            _cfg(max_steps=6, log_every=6),
+            tmp_path / str(workers),
+            stage="distill",
+            seed=0,
+            device=CPU,
+            image_size=32,
+            workers=workers,
+        )
         results[workers] = method.state_dict()
     assert [loader.persistent_workers for loader in loaders] == [False, True]  # one loader per run, 3 epochs each
     for name, value in results[0].items():

@@ -43,10 +43,15 @@ def _parser() -> argparse.ArgumentParser:
 
     def trusted(p: argparse.ArgumentParser) -> None:
         p.add_argument("bundle", type=Path, help="bundle directory (holds manifest.json)")
-        p.add_argument("--public-key", type=Path, default=os.environ.get(PUBLIC_KEY_ENV) or None,
-                       help=f"Ed25519 public key (PEM): refuse a bundle it did not sign (default ${PUBLIC_KEY_ENV})")
-        p.add_argument("--allow-unverified", action="store_true",
-                       help="use a bundle whose parity checks failed at export")
+        p.add_argument(
+            "--public-key",
+            type=Path,
+            default=os.environ.get(PUBLIC_KEY_ENV) or None,
+            help=f"Ed25519 public key (PEM): refuse a bundle it did not sign (default ${PUBLIC_KEY_ENV})",
+        )
+        p.add_argument(
+            "--allow-unverified", action="store_true", help="use a bundle whose parity checks failed at export"
+        )
 
     def common(p: argparse.ArgumentParser, precision_default: str | None) -> None:
         trusted(p)
@@ -65,8 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--workspace-mib", type=int, default=1024)
-    p.add_argument("--dla-core", type=int, default=None,
-                   help="build for this DLA core (fp16/int8; one fixed batch: min = opt = max)")
+    p.add_argument(
+        "--dla-core",
+        type=int,
+        default=None,
+        help="build for this DLA core (fp16/int8; one fixed batch: min = opt = max)",
+    )
     p.add_argument("--print-trtexec", action="store_true", help="also print the equivalent trtexec command")
 
     p = sub.add_parser("embed", help="embed image files or folders into an .npy file")

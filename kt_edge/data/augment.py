@@ -19,12 +19,14 @@ def resize_for(image_size: int) -> int:
 
 
 def eval_transform(image_size: int) -> T.Compose:
-    return T.Compose([
-        T.Resize(resize_for(image_size), antialias=True),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    return T.Compose(
+        [
+            T.Resize(resize_for(image_size), antialias=True),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def moco_v2(image_size: int) -> T.Compose:
@@ -43,12 +45,14 @@ def moco_v2(image_size: int) -> T.Compose:
 
 def crop_flip(image_size: int, scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
     """Random resized crop and horizontal flip only: the official CompRess views, and DeepCluster's."""
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=scale, antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=scale, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 class TwoViews:
@@ -61,4 +65,3 @@ class TwoViews:
 
     def __call__(self, image):
         return self.first(image), self.second(image)
-

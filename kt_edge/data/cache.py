@@ -82,9 +82,16 @@ def source_fingerprint(path: Path | str) -> str:
 def cache_folder(source, image_size: int, seed: int, root: Path | str) -> Path:
     """Where the cache of a recipe ``DataSource`` at ``image_size`` lives (a function of the recipe only)."""
     path = Path(source.path).expanduser().resolve()
-    key = {"path": str(path), "format": source.format, "split": source.split, "subset": source.subset,
-           "seed": seed if source.subset else None, "strict": source.strict, "size": image_size,
-           "version": CACHE_VERSION}
+    key = {
+        "path": str(path),
+        "format": source.format,
+        "split": source.split,
+        "subset": source.subset,
+        "seed": seed if source.subset else None,
+        "strict": source.strict,
+        "size": image_size,
+        "version": CACHE_VERSION,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{path.parent.name}-{path.name}")
     return Path(root) / f"{slug}-{image_size}px-{digest}"
@@ -123,8 +130,16 @@ class _Decode:
         return np.array(image, dtype=np.uint8)  # a writable copy: the DataLoader turns it into a tensor
 
 
-def build_cache(images: Images, folder: Path | str, image_size: int, fingerprint: str, source: str = "",
-                workers: int = 0, chunk: int = 1024, progress: bool = True) -> CachedImages:
+def build_cache(
+    images: Images,
+    folder: Path | str,
+    image_size: int,
+    fingerprint: str,
+    source: str = "",
+    workers: int = 0,
+    chunk: int = 1024,
+    progress: bool = True,
+) -> CachedImages:
     """Decode ``images`` into ``folder``, resuming a partial build made from the same source and size.
 
     Under torchrun every rank calls it and decodes its contiguous share of the rows into the one array, so
@@ -147,13 +162,21 @@ def build_cache(images: Images, folder: Path | str, image_size: int, fingerprint
     array = np.load(folder / PARTIAL, mmap_mode="r+")
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(images.with_transform(_Decode(image_size)), range(done, hi)),
-        batch_size=chunk, shuffle=False, **worker_options(workers))
-    bar = Progress(TextColumn("[bold]cache"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   disable=not (progress and distributed.is_main()))
+        batch_size=chunk,
+        shuffle=False,
+        **worker_options(workers),
+    )
+    bar = Progress(
+        TextColumn("[bold]cache"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not (progress and distributed.is_main()),
+    )
     with bar:
         task = bar.add_task("cache", total=hi - lo, completed=done - lo)
         for pixels, _ in loader:
-            array[done:done + len(pixels)] = pixels.numpy()
+            array[done : done + len(pixels)] = pixels.numpy()
             array.flush()
             done += len(pixels)
             write_json(progress_file, {**plan, "rows": done - lo})
@@ -164,9 +187,20 @@ def build_cache(images: Images, folder: Path | str, image_size: int, fingerprint
         os.replace(folder / PARTIAL, folder / IMAGES)
         with atomic_path(folder / LABELS) as tmp, open(tmp, "wb") as handle:
             np.save(handle, np.asarray(images.labels, dtype=np.int64))
-        write_json(folder / SIDECAR, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "n": n, "size": image_size,
-                                      "source": source or images.name, "images": IMAGES, "labels": LABELS,
-                                      "classes": list(images.classes), "fingerprint": fingerprint})
+        write_json(
+            folder / SIDECAR,
+            {
+                "format": CACHE_FORMAT,
+                "version": CACHE_VERSION,
+                "n": n,
+                "size": image_size,
+                "source": source or images.name,
+                "images": IMAGES,
+                "labels": LABELS,
+                "classes": list(images.classes),
+                "fingerprint": fingerprint,
+            },
+        )
         for stale in folder.glob("progress*.json"):
             stale.unlink()
     distributed.barrier()
@@ -188,8 +222,7 @@ def _rows_done(progress_file: Path, plan: dict) -> int:
 def _resumable(folder: Path, plan: dict) -> bool:
     """A partial array is there and every progress file beside it belongs to this plan."""
     records = [json.loads(f.read_text()) for f in folder.glob("progress*.json")]
-    return (folder / PARTIAL).is_file() and bool(records) and all(
-        {k: r.get(k) for k in plan} == plan for r in records)
+    return (folder / PARTIAL).is_file() and bool(records) and all({k: r.get(k) for k in plan} == plan for r in records)
 
 
 def _clear(folder: Path) -> None:
@@ -199,8 +232,9 @@ def _clear(folder: Path) -> None:
         stale.unlink()
 
 
-def cached_source(source, image_size: int, seed: int, root: Path | str, workers: int = 0,
-                  progress: bool = True) -> CachedImages:
+def cached_source(
+    source, image_size: int, seed: int, root: Path | str, workers: int = 0, progress: bool = True
+) -> CachedImages:
     """The cache of a recipe ``DataSource``, built (or resumed, or rebuilt when the images changed) if needed.
 
     Under torchrun every rank decodes its share of the images (``build_cache``).
@@ -215,6 +249,13 @@ def cached_source(source, image_size: int, seed: int, root: Path | str, workers:
         if card is not None and distributed.is_main():
             log.warning("%s changed since %s was built: rebuilding it", path, folder)
         distributed.barrier()  # every rank has read the card before the build may delete it
-        build_cache(open_source(source, seed), folder, image_size, fingerprint, source=str(path),
-                    workers=workers, progress=progress)
+        build_cache(
+            open_source(source, seed),
+            folder,
+            image_size,
+            fingerprint,
+            source=str(path),
+            workers=workers,
+            progress=progress,
+        )
     return open_cache(folder)

@@ -41,14 +41,15 @@ class EpochSampler(torch.utils.data.Sampler):
     would.
     """
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, start: int = 0, *, rank: int = 0, world: int = 1,
-                 batch_size: int = 1):
+    def __init__(
+        self, n: int, seed: int, epoch: int = 0, start: int = 0, *, rank: int = 0, world: int = 1, batch_size: int = 1
+    ):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
         self.rank, self.world, self.batch_size = rank, world, batch_size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        order = torch.randperm(self.n, generator=generator)[self.start:]
+        order = torch.randperm(self.n, generator=generator)[self.start :]
         if self.world > 1:
             order = order[: len(order) // self.batch_size * self.batch_size]
             order = order.view(-1, self.world, self.batch_size // self.world)[:, self.rank].reshape(-1)
@@ -90,8 +91,10 @@ def pixel_array(images, image_size: int) -> np.ndarray:
     array = getattr(images, "array", None)
     if array is None or array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (image_size, image_size, 3):
         found = "no pixel array" if array is None else f"an array {array.dtype} {tuple(array.shape)}"
-        raise DataError(f"{images.name}: batched augmentation needs images decoded at {image_size}px, found {found}; "
-                        "set data.cache: true (or data.augment: per_sample)")
+        raise DataError(
+            f"{images.name}: batched augmentation needs images decoded at {image_size}px, found {found}; "
+            "set data.cache: true (or data.augment: per_sample)"
+        )
     return array
 
 
@@ -143,24 +146,47 @@ class TrainingFeed:
     """This rank's share of each global batch, augmented and on the device; one DataLoader for the whole run,
     its workers kept between epochs."""
 
-    def __init__(self, dataset, transform, augment: str, *, seed: int, batch_size: int, image_size: int,
-                 device: torch.device, workers: int, memory_format=torch.contiguous_format):
+    def __init__(
+        self,
+        dataset,
+        transform,
+        augment: str,
+        *,
+        seed: int,
+        batch_size: int,
+        image_size: int,
+        device: torch.device,
+        workers: int,
+        memory_format=torch.contiguous_format,
+    ):
         local = distributed.local_batch_size(batch_size, "train.batch_size")
         self.device, self.memory_format = device, memory_format
-        self.sampler = EpochSampler(len(dataset), seed, rank=distributed.rank(), world=distributed.world_size(),
-                                    batch_size=batch_size)
-        common = dict(pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      **worker_options(workers),  # the main process handles a stop
-                      generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+        self.sampler = EpochSampler(
+            len(dataset), seed, rank=distributed.rank(), world=distributed.world_size(), batch_size=batch_size
+        )
+        common = dict(
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            **worker_options(workers),  # the main process handles a stop
+            generator=torch.Generator().manual_seed(seed),
+        )  # keeps the global RNG untouched
         if augment == "batched":
             self.augment = BatchAugment.from_transform(transform)
             self.loader = torch.utils.data.DataLoader(
-                ArrayBatches(dataset, self.augment, seed, image_size), batch_size=None,
-                sampler=torch.utils.data.BatchSampler(self.sampler, local, drop_last=True), **common)
+                ArrayBatches(dataset, self.augment, seed, image_size),
+                batch_size=None,
+                sampler=torch.utils.data.BatchSampler(self.sampler, local, drop_last=True),
+                **common,
+            )
         elif augment == "per_sample":
             self.augment = None
-            self.loader = torch.utils.data.DataLoader(SeededViews(dataset.with_transform(transform), seed),
-                                                      batch_size=local, drop_last=True, sampler=self.sampler, **common)
+            self.loader = torch.utils.data.DataLoader(
+                SeededViews(dataset.with_transform(transform), seed),
+                batch_size=local,
+                drop_last=True,
+                sampler=self.sampler,
+                **common,
+            )
         else:
             raise ValueError(f"augment must be 'per_sample' or 'batched', got {augment!r}")
 

@@ -24,8 +24,11 @@ from kt_edge.errors import DataError
 
 CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-_MODES = {T.InterpolationMode.BILINEAR: "bilinear", T.InterpolationMode.NEAREST: "nearest",
-          T.InterpolationMode.BICUBIC: "bicubic"}
+_MODES = {
+    T.InterpolationMode.BILINEAR: "bilinear",
+    T.InterpolationMode.NEAREST: "nearest",
+    T.InterpolationMode.BICUBIC: "bicubic",
+}
 
 
 def _column(value: torch.Tensor) -> torch.Tensor:
@@ -61,8 +64,7 @@ def adjust_hue(x, shift):
     delta = value - x.min(1).values
     saturation = delta / torch.where(delta == 0, torch.ones_like(value), value)
     d = torch.where(delta == 0, torch.ones_like(delta), delta)
-    hue = torch.where(value == r, (g - b) / d,
-                      torch.where(value == g, 2 + (b - r) / d, 4 + (r - g) / d))
+    hue = torch.where(value == r, (g - b) / d, torch.where(value == g, 2 + (b - r) / d, 4 + (r - g) / d))
     hue = (hue / 6 + shift.view(-1, 1, 1)) % 1.0
     channels = []
     for n in (5, 3, 1):  # r, g, b: v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6
@@ -226,8 +228,9 @@ class Normalize:
     def __call__(self, x, u):
         key = (x.device, x.dtype)
         if key not in self._constants:
-            self._constants[key] = tuple(torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-                                         for v in (self.mean, self.std))
+            self._constants[key] = tuple(
+                torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (self.mean, self.std)
+            )
         mean, std = self._constants[key]
         return (x - mean) / std
 
@@ -252,8 +255,7 @@ def _batched(step):
             return Solarize(step.p, step.threshold)
         if isinstance(step, T.Normalize):
             return Normalize(step.mean, step.std)
-    raise DataError(f"the training transform step {step!r} has no batched version; "
-                    "set data.augment: per_sample")
+    raise DataError(f"the training transform step {step!r} has no batched version; set data.augment: per_sample")
 
 
 class BatchAugment:
@@ -296,7 +298,7 @@ class BatchAugment:
         for ops in self.view_ops:
             y = x
             for op in ops:
-                y = op(y, uniforms[:, column:column + op.draws])
+                y = op(y, uniforms[:, column : column + op.draws])
                 column += op.draws
             views.append(y)
         return views[0] if self.views == 1 else tuple(views)

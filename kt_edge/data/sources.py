@@ -126,6 +126,7 @@ def _scan(files: list[tuple[Path, int]], strict: bool) -> Scan:
 @dataclass
 class Listing:
     """What scanning a tree found besides its images: entries that cannot be used, with the reason."""
+
     files: list[tuple[Path, str]]  # dangling symlinks, symlink loops, entries that cannot be looked at
     folders: list[tuple[Path, str]]  # folders that cannot be read
 
@@ -142,8 +143,13 @@ def _entries(folder: Path, listing: Listing) -> tuple[list[Path], list[Path]]:
         try:
             mode = path.stat().st_mode
         except OSError as exc:
-            why = ("symlink loop" if exc.errno == errno.ELOOP else "dangling symlink" if path.is_symlink()
-                   else f"not readable: {exc.strerror}")
+            why = (
+                "symlink loop"
+                if exc.errno == errno.ELOOP
+                else "dangling symlink"
+                if path.is_symlink()
+                else f"not readable: {exc.strerror}"
+            )
             listing.files.append((path, why))
             continue
         if stat.S_ISREG(mode):
@@ -161,8 +167,14 @@ def detect_format(path: Path) -> str:
     return "folder"
 
 
-def open_images(path: Path | str, format: str = "auto", split: str = "train", subset: int | None = None,
-                seed: int = 0, strict: bool = False) -> Images:
+def open_images(
+    path: Path | str,
+    format: str = "auto",
+    split: str = "train",
+    subset: int | None = None,
+    seed: int = 0,
+    strict: bool = False,
+) -> Images:
     """Open one split. ``subset`` keeps a seeded random sample of that many images."""
     path = Path(path)
     if not path.is_dir():

@@ -64,8 +64,9 @@ def local_batch_size(global_batch: int, key: str) -> int:
     """This rank's share of the global batch; refuses a batch the ranks cannot split evenly."""
     world = world_size()
     if global_batch % world:
-        raise KtEdgeError(f"{key} {global_batch} does not split evenly over {world} processes; "
-                          f"use a multiple of {world}")
+        raise KtEdgeError(
+            f"{key} {global_batch} does not split evenly over {world} processes; use a multiple of {world}"
+        )
     return global_batch // world
 
 
@@ -97,7 +98,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)  # every rank's gradient for every row; this rank keeps its own rows'
-        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+        return grad[rank() * ctx.rows : (rank() + 1) * ctx.rows]
 
 
 class _AllReduce(torch.autograd.Function):
@@ -166,7 +167,7 @@ def agree(scalars: dict[str, torch.Tensor], flags: dict[str, bool]) -> tuple[dic
         dist.all_reduce(packed)
         packed /= dist.get_world_size()
         values = packed.tolist()
-        return dict(zip(names, values)), {k: v > 0 for k, v in zip(flags, values[len(names):])}
+        return dict(zip(names, values)), {k: v > 0 for k, v in zip(flags, values[len(names) :])}
     return dict(zip(names, packed.tolist())), dict(flags)
 
 
@@ -190,6 +191,9 @@ def step_function(method: nn.Module, device: torch.device):
     if not active():
         return method.training_step
     ddp = nn.parallel.DistributedDataParallel
-    no_buffer_sync = ({"forward_sync_buffers": False}  # the newer name; broadcast_buffers is deprecated
-                      if "forward_sync_buffers" in inspect.signature(ddp).parameters else {"broadcast_buffers": False})
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}  # the newer name; broadcast_buffers is deprecated
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )
     return ddp(_TrainingStep(method), device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)

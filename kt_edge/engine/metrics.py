@@ -27,7 +27,7 @@ class MetricsLog:
         size = os.fstat(self._fd).st_size
         try:
             while line:
-                line = line[os.write(self._fd, line):]
+                line = line[os.write(self._fd, line) :]
         except OSError:
             os.ftruncate(self._fd, size)  # no half line stays behind
             raise

@@ -30,7 +30,11 @@ def full_precision(loss):
         device_type = next(a.device.type for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
         args = [_fp32(a) for a in args]
         kwargs = {k: _fp32(v) for k, v in kwargs.items()}
-        off = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+        off = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else nullcontext()
+        )
         with off:
             return loss(*args, **kwargs)
 

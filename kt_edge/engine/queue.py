@@ -46,24 +46,36 @@ def queue_field(default: int, description: str):
 
 def queue_options(options: type[BaseModel]) -> list[str]:
     """The names of an ``Options`` model's queue and bank sizes."""
-    return [name for name, field in options.model_fields.items()
-            if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(QUEUE)]
+    return [
+        name
+        for name, field in options.model_fields.items()
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get(QUEUE)
+    ]
 
 
 def check_queue_batch(key: str, size: int, batch: int, batch_key: str) -> None:
     """Whole batches fill a queue: at least one, and a whole number of them (the official MoCo and SEED
     code asserts ``K % batch_size == 0``), so no batch wraps around its end."""
     if size < batch or size % batch:
-        raise ValueError(f"{key} {size} must be a multiple of {batch_key} {batch} (the global batch): "
-                         f"e.g. {max(batch, size // batch * batch)}")
+        raise ValueError(
+            f"{key} {size} must be a multiple of {batch_key} {batch} (the global batch): "
+            f"e.g. {max(batch, size // batch * batch)}"
+        )
 
 
 def check_queue_size(key: str, size: int, n_images: int) -> None:
     """A queue as large as the dataset holds each image as its own negative (DESIGN.md): refuse it up front;
     above a quarter of the dataset, warn: from the second epoch an image may meet its own earlier embedding."""
     if size >= n_images:
-        raise DataError(f"{key} {size} is not smaller than the {n_images} training images: each image would be "
-                        f"its own negative; set {key} below {n_images}")
+        raise DataError(
+            f"{key} {size} is not smaller than the {n_images} training images: each image would be "
+            f"its own negative; set {key} below {n_images}"
+        )
     if size > n_images // 4:
-        log.warning("%s %d is over a quarter of the %d training images: from the second epoch an image can meet "
-                    "its own earlier embedding among the negatives", key, size, n_images)
+        log.warning(
+            "%s %d is over a quarter of the %d training images: from the second epoch an image can meet "
+            "its own earlier embedding among the negatives",
+            key,
+            size,
+            n_images,
+        )

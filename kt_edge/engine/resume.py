@@ -37,15 +37,32 @@ def restore_rng(state: dict, device: torch.device) -> None:
 def check_finite(method: torch.nn.Module, stage: str, step: int, folder: Path) -> None:
     """Called before each write, so the last resume point is always a good one."""
     if not all(bool(torch.isfinite(t).all()) for t in method.state_dict().values() if t.is_floating_point()):
-        raise TrainingError(f"{stage}: the weights became inf or NaN at step {step}; "
-                            f"the last resume point in {folder} is kept")
+        raise TrainingError(
+            f"{stage}: the weights became inf or NaN at step {step}; the last resume point in {folder} is kept"
+        )
 
 
-def write(path: Path, method: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, device: torch.device,
-          fingerprint: str, images: int) -> None:
+def write(
+    path: Path,
+    method: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    device: torch.device,
+    fingerprint: str,
+    images: int,
+) -> None:
     with atomic.atomic_file(path) as handle:  # a full disk surfaces as the OSError it is
-        torch.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "fingerprint": fingerprint, "images": images, **rng_state(device)}, handle)
+        torch.save(
+            {
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "fingerprint": fingerprint,
+                "images": images,
+                **rng_state(device),
+            },
+            handle,
+        )
 
 
 def read(path: Path, fingerprint: str, images: int) -> dict:
@@ -54,6 +71,8 @@ def read(path: Path, fingerprint: str, images: int) -> dict:
     if not isinstance(state, dict) or not KEYS <= set(state):
         raise CheckpointError(f"{path}: not a kt-edge resume point (expected the keys {', '.join(sorted(KEYS))})")
     if state.get("fingerprint", "") != fingerprint or state.get("images", images) != images:
-        raise KtEdgeError(f"{path} was written for other inputs (the recipe or the images changed); "
-                          "run without --resume to start this stage again")
+        raise KtEdgeError(
+            f"{path} was written for other inputs (the recipe or the images changed); "
+            "run without --resume to start this stage again"
+        )
     return state

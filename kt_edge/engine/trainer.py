@@ -31,7 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kt_edge import atomic
 from kt_edge.data.feed import TrainingFeed
-from kt_edge.engine import distributed, resume as resume_point
+from kt_edge.engine import distributed
+from kt_edge.engine import resume as resume_point
 from kt_edge.engine.metrics import MetricsLog
 from kt_edge.engine.precision import autocast
 from kt_edge.engine.resume import RESUME
@@ -79,8 +80,10 @@ def use_sync_batchnorm(cfg, method: torch.nn.Module, device: torch.device) -> bo
     if cfg.sync_batchnorm == "auto":
         return device.type == "cuda" and getattr(method, "sync_batchnorm", False)
     if cfg.sync_batchnorm and device.type != "cuda":
-        raise KtEdgeError("train.sync_batchnorm true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
-                          "set it to false or auto for a CPU run")
+        raise KtEdgeError(
+            "train.sync_batchnorm true needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+            "set it to false or auto for a CPU run"
+        )
     return bool(cfg.sync_batchnorm)
 
 
@@ -103,9 +106,22 @@ def stop_signals():
             signal.signal(sig, old)
 
 
-def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, seed: int,
-          device: torch.device, image_size: int, workers: int = 0, resume: bool = False,
-          fingerprint: str = "", metrics_path: Path | None = None, augment: str = "per_sample") -> TrainResult:
+def train(
+    method: torch.nn.Module,
+    dataset,
+    cfg,
+    out_dir: Path,
+    *,
+    stage: str,
+    seed: int,
+    device: torch.device,
+    image_size: int,
+    workers: int = 0,
+    resume: bool = False,
+    fingerprint: str = "",
+    metrics_path: Path | None = None,
+    augment: str = "per_sample",
+) -> TrainResult:
     """Train ``method`` on ``dataset`` per ``cfg`` (a recipe ``TrainConfig``); resume points go to ``out_dir``.
 
     ``fingerprint`` names the stage's inputs; a resume point made from other inputs, or from another number
@@ -118,10 +134,11 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
         atomic.remove_temps(out_dir)  # a resume point half-written when the last run was killed
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise DataError(f"{stage}: {len(dataset)} images is fewer than one batch of {cfg.batch_size}; "
-                        f"lower {stage}.train.batch_size")
-    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch,
-                                                                             cfg.max_steps)
+        raise DataError(
+            f"{stage}: {len(dataset)} images is fewer than one batch of {cfg.batch_size}; "
+            f"lower {stage}.train.batch_size"
+        )
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.epochs * steps_per_epoch, cfg.max_steps)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
 
     # The networks, on the device, in the layout and synchronisation the run asks for.
@@ -146,8 +163,17 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
         for network in networks(method):
             network.compile()  # in place: state-dict keys stay as they were
     step_fn = distributed.step_function(method, device)
-    feed = TrainingFeed(dataset, method.train_transform(image_size), augment, seed=seed, batch_size=cfg.batch_size,
-                        image_size=image_size, device=device, workers=workers, memory_format=memory_format)
+    feed = TrainingFeed(
+        dataset,
+        method.train_transform(image_size),
+        augment,
+        seed=seed,
+        batch_size=cfg.batch_size,
+        image_size=image_size,
+        device=device,
+        workers=workers,
+        memory_format=memory_format,
+    )
 
     def save():
         resume_point.check_finite(method, stage, step, out_dir)  # on every rank: all stop together
@@ -155,8 +181,14 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
             resume_point.write(path, method, optimizer, step, device, fingerprint, len(dataset))
 
     log = MetricsLog(metrics_path) if metrics_path and main else None
-    progress = Progress(TextColumn(f"[bold]{stage}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), disable=not main)
+    progress = Progress(
+        TextColumn(f"[bold]{stage}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        disable=not main,
+    )
     started, saved = time.monotonic(), clock()
     loss_value = float("nan")
     try:
@@ -180,25 +212,41 @@ def train(method: torch.nn.Module, dataset, cfg, out_dir: Path, *, stage: str, s
                     # process): read the scalars and take the decisions that need the host.
                     stopping = stop["signal"] is not None
                     step_due = cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0
-                    if not (step % cfg.log_every == 0 or step == total or step_due
-                            or (stopping and not distributed.active())):
+                    if not (
+                        step % cfg.log_every == 0
+                        or step == total
+                        or step_due
+                        or (stopping and not distributed.active())
+                    ):
                         continue
                     time_due = cfg.checkpoint_every is None and clock() - saved >= 60 * cfg.checkpoint_minutes
                     scalars, flags = distributed.agree(out, {"stop": stopping, "checkpoint": main and time_due})
                     loss_value = scalars["loss"]
                     if not math.isfinite(loss_value):
-                        raise TrainingError(f"{stage}: loss became {loss_value} at step {step}; "
-                                            f"the last resume point in {out_dir} is kept")
+                        raise TrainingError(
+                            f"{stage}: loss became {loss_value} at step {step}; "
+                            f"the last resume point in {out_dir} is kept"
+                        )
                     progress.update(task, completed=step, loss=loss_value)
                     if log:
-                        log.write({"stage": stage, "step": step, "epoch": epoch,
-                                   "lr": optimizer.param_groups[0]["lr"], "time": time.time(), **scalars})
+                        log.write(
+                            {
+                                "stage": stage,
+                                "step": step,
+                                "epoch": epoch,
+                                "lr": optimizer.param_groups[0]["lr"],
+                                "time": time.time(),
+                                **scalars,
+                            }
+                        )
                     if step_due or flags["checkpoint"] or flags["stop"] or step == total:
                         save()
                         saved = clock()
                     if flags["stop"]:
-                        raise Interrupted(f"{stage}: stopped by {stop['signal'] or 'a signal to another rank'} "
-                                          f"at step {step}/{total}; run the same command with --resume to continue")
+                        raise Interrupted(
+                            f"{stage}: stopped by {stop['signal'] or 'a signal to another rank'} "
+                            f"at step {step}/{total}; run the same command with --resume to continue"
+                        )
                     if step >= total:
                         break
     finally:

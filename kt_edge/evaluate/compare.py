@@ -102,10 +102,18 @@ def read_bench(run_dir: Path) -> list[dict]:
             continue
         for r in data["results"]:
             if isinstance(r, dict) and _is_number(r.get("batch")) and _is_number(r.get("p50_ms")):
-                rows.append({"backend": data.get("backend", ""), "precision": data.get("precision", ""),
-                             "device": data.get("device", ""), "batch": int(r["batch"]),
-                             "p50_ms": r["p50_ms"], "p90_ms": r.get("p90_ms"), "p99_ms": r.get("p99_ms"),
-                             "throughput_ips": r.get("throughput_ips")})
+                rows.append(
+                    {
+                        "backend": data.get("backend", ""),
+                        "precision": data.get("precision", ""),
+                        "device": data.get("device", ""),
+                        "batch": int(r["batch"]),
+                        "p50_ms": r["p50_ms"],
+                        "p90_ms": r.get("p90_ms"),
+                        "p99_ms": r.get("p99_ms"),
+                        "throughput_ips": r.get("throughput_ips"),
+                    }
+                )
     return rows
 
 
@@ -120,8 +128,11 @@ def describe(run_dir: Path) -> dict[str, str]:
     teacher_cfg = recipe.get("teacher") if isinstance(recipe.get("teacher"), dict) else {}
     distill_cfg = recipe.get("distill") if isinstance(recipe.get("distill"), dict) else {}
     teacher, student = _sidecar(run_dir, "teacher"), _sidecar(run_dir, "student")
-    teacher_text = " ".join(str(v) for v in (teacher.get("arch", teacher_cfg.get("arch")),
-                                             teacher.get("method", teacher_cfg.get("method"))) if v)
+    teacher_text = " ".join(
+        str(v)
+        for v in (teacher.get("arch", teacher_cfg.get("arch")), teacher.get("method", teacher_cfg.get("method")))
+        if v
+    )
     return {
         "teacher": teacher_text,
         "distill": str(student.get("method") or distill_cfg.get("method") or ""),
@@ -183,6 +194,7 @@ def format_value(name: str, value: Any) -> str:
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured markdown table; '|' in cells is escaped."""
+
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 

@@ -103,9 +103,7 @@ def _faiss_search(train: np.ndarray, test: np.ndarray, k: int) -> tuple[np.ndarr
     return sims, idx.astype(np.int64)
 
 
-def weighted_vote(
-    sims: np.ndarray, neighbor_labels: np.ndarray, setting: KnnSetting, num_classes: int
-) -> np.ndarray:
+def weighted_vote(sims: np.ndarray, neighbor_labels: np.ndarray, setting: KnnSetting, num_classes: int) -> np.ndarray:
     """Predicted class per row from its first setting.k neighbours, each weighted exp(sim / t).
 
     Ties go to the lowest class id. Weights are shifted by each row's top
@@ -159,6 +157,4 @@ def knn_accuracy(
     if num_classes is None:
         num_classes = int(max(np.asarray(train_y).max(), test_y.max())) + 1
     preds = knn_classify(train_x, train_y, test_x, settings, num_classes, batch_size)
-    return [
-        {"k": s.k, "t": s.t, "top1": float((preds[s] == test_y).mean() * 100.0)} for s in settings
-    ]
+    return [{"k": s.k, "t": s.t, "top1": float((preds[s] == test_y).mean() * 100.0)} for s in settings]

@@ -217,4 +217,3 @@ def few_label_probe(
     train_y = np.asarray(train_y)
     probe_options.setdefault("num_classes", int(max(train_y.max(), np.asarray(test_y).max())) + 1)
     return linear_probe(np.asarray(train_x)[idx], train_y[idx], test_x, test_y, seed=seed, **probe_options)
-

@@ -29,7 +29,6 @@ from kt_edge.evaluate.linear import WEIGHT_DECAYS, few_label_probe, linear_probe
 from kt_edge.features import embed, resolve_device
 from kt_edge.recipe import PROTOCOL, EvalConfig
 
-
 TRANSFER_PREFIX = "transfer_"
 
 
@@ -102,12 +101,14 @@ def run_protocols(
                 metrics.update(linear_top1=result.top1, linear_top5=result.top5)
             elif protocol == "clusters":
                 aligned = cluster_alignment(test_x, test_y, seed=seed)
-                metrics.update(cluster_acc=aligned["accuracy"] * 100.0, cluster_nmi=aligned["nmi"],
-                               cluster_ari=aligned["ari"])
+                metrics.update(
+                    cluster_acc=aligned["accuracy"] * 100.0, cluster_nmi=aligned["nmi"], cluster_ari=aligned["ari"]
+                )
             else:
                 fraction = float(PROTOCOL.fullmatch(protocol).group(1)) / 100.0
-                result = few_label_probe(bank_x, bank_y, test_x, test_y, fraction, seed,
-                                         num_classes=num_classes, **probe)
+                result = few_label_probe(
+                    bank_x, bank_y, test_x, test_y, fraction, seed, num_classes=num_classes, **probe
+                )
                 metrics.update({f"{protocol}_top1": result.top1, f"{protocol}_top5": result.top5})
         except ValueError as exc:
             raise DataError(f"eval protocol {protocol}: {exc}") from None
@@ -142,8 +143,10 @@ def evaluate_model_detailed(
     """Embed the bank (when a protocol needs it) and the test split once, then run every protocol of ``cfg``."""
     bank_classes, test_classes = _classes(bank_set), _classes(test_set)
     if bank_classes is not None and test_classes is not None and bank_classes != test_classes:
-        raise DataError(f"classes differ between the bank ({len(bank_classes)} classes) and the test split "
-                        f"({len(test_classes)} classes): {_first_difference(bank_classes, test_classes)}")
+        raise DataError(
+            f"classes differ between the bank ({len(bank_classes)} classes) and the test split "
+            f"({len(test_classes)} classes): {_first_difference(bank_classes, test_classes)}"
+        )
     needs_bank = _needs_bank(cfg.protocols)
     if needs_bank:
         _check_sizes(cfg, len(bank_set))
@@ -176,8 +179,10 @@ def labelled_pair(train_source, test_source, image_size: int, seed: int = 0) -> 
         if not split.labelled:
             raise DataError(f"{split.name}: evaluation needs labels (an ImageFolder tree or CIFAR-10 pickles)")
     if train_set.classes != test_set.classes:
-        raise DataError(f"classes differ between {train_set.name} and {test_set.name}: "
-                        f"{_first_difference(train_set.classes, test_set.classes)}")
+        raise DataError(
+            f"classes differ between {train_set.name} and {test_set.name}: "
+            f"{_first_difference(train_set.classes, test_set.classes)}"
+        )
     transform = eval_transform(image_size)
     return train_set.with_transform(transform), test_set.with_transform(transform)
 

@@ -126,7 +126,7 @@ def _training(run_dir: Path) -> Section:
         ax.plot(steps, loss, color="tab:blue", alpha=0.35 if len(loss) >= 100 else 1.0, lw=1)
         if len(loss) >= 100:  # a running mean over 2% of the steps shows the trend through batch noise
             window = len(loss) // 50
-            ax.plot(steps[window - 1:], np.convolve(loss, np.ones(window) / window, "valid"), color="tab:blue")
+            ax.plot(steps[window - 1 :], np.convolve(loss, np.ones(window) / window, "valid"), color="tab:blue")
         ax.set(title=stage, ylabel="loss")
         if with_lr:
             grid[1, i].plot(steps, [r.get("lr", np.nan) for r in records], color="tab:gray")
@@ -151,7 +151,9 @@ def _evaluation(run_dir: Path) -> Section:
     metrics = list(dict.fromkeys(name for m in models for name in results[m]))
     rows = [[name, *(format_value(name, results[m].get(name)) for m in models)] for name in metrics]
     _table(section, ["metric", *(m.replace("_", "-") for m in models)], rows)
-    _text(section, "Accuracies in percent; NMI and ARI in 0..1; metrics prefixed transfer_ are on the transfer dataset.")
+    _text(
+        section, "Accuracies in percent; NMI and ARI in 0..1; metrics prefixed transfer_ are on the transfer dataset."
+    )
     return section
 
 
@@ -170,8 +172,9 @@ class Recomputed:
     knn_error: str | None  # why the student's k-NN could not run
 
 
-def _recompute(run_dir: Path, recipe: dict, seed: int, max_bank: int, max_test: int, map_points: int,
-               device: str) -> Recomputed | str:
+def _recompute(
+    run_dir: Path, recipe: dict, seed: int, max_bank: int, max_test: int, map_points: int, device: str
+) -> Recomputed | str:
     """The recomputed views, or the reason they cannot be made."""
     try:
         data = DataConfig.model_validate(recipe["data"])
@@ -180,8 +183,10 @@ def _recompute(run_dir: Path, recipe: dict, seed: int, max_bank: int, max_test: 
         return f"recipe.yaml has no usable data/eval section ({str(exc).splitlines()[0]})"
     if data.test is None:
         return "the recipe names no labelled test split (data.test)"
-    capped = [s.model_copy(update={"subset": min(s.subset or cap, cap)})
-              for s, cap in ((data.train, max_bank), (data.test, max_test))]
+    capped = [
+        s.model_copy(update={"subset": min(s.subset or cap, cap)})
+        for s, cap in ((data.train, max_bank), (data.test, max_test))
+    ]
     try:
         bank, test = labelled_pair(*capped, image_size=data.image_size, seed=seed)
     except KtEdgeError as exc:
@@ -197,14 +202,14 @@ def _recompute(run_dir: Path, recipe: dict, seed: int, max_bank: int, max_test: 
             continue
         if stage == "student":
             try:
-                evaluations[stage] = evaluate_model_detailed(model, bank, test, knn_only, seed, device,
-                                                             map_points=map_points)
+                evaluations[stage] = evaluate_model_detailed(
+                    model, bank, test, knn_only, seed, device, map_points=map_points
+                )
                 knn_error = None
                 continue
             except DataError as exc:
                 knn_error = str(exc)
-        evaluations[stage] = evaluate_model_detailed(model, bank, test, map_only, seed, device,
-                                                     map_points=map_points)
+        evaluations[stage] = evaluate_model_detailed(model, bank, test, map_only, seed, device, map_points=map_points)
     return Recomputed(bank.classes, len(bank), len(test), KnnSetting(first.k, first.t), evaluations, knn_error)
 
 
@@ -285,8 +290,9 @@ def _confusion_figure(classes: list[str], matrix: np.ndarray) -> Figure:
         ax.set_yticklabels(classes, fontsize=8)
     if n <= 20:
         for (r, c), count in np.ndenumerate(matrix):
-            ax.text(c, r, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if rates[r, c] > 0.5 else "black")
+            ax.text(
+                c, r, str(count), ha="center", va="center", fontsize=7, color="white" if rates[r, c] > 0.5 else "black"
+            )
     fig.colorbar(image, ax=ax, fraction=0.046)
     return fig
 
@@ -305,13 +311,18 @@ def _per_class(views: Recomputed | str) -> Section:
     support = matrix.sum(axis=1)
     accuracy = np.where(support > 0, np.diag(matrix) / np.maximum(support, 1) * 100.0, np.nan)
     overall = float(np.trace(matrix) / matrix.sum() * 100.0)
-    _text(section, f"k-NN (k={views.setting.k}, T={views.setting.t:g}) with a bank of {views.bank_size} train "
-                   f"images, scored on {views.test_size} test images: top-1 {overall:.2f}%.")
+    _text(
+        section,
+        f"k-NN (k={views.setting.k}, T={views.setting.t:g}) with a bank of {views.bank_size} train "
+        f"images, scored on {views.test_size} test images: top-1 {overall:.2f}%.",
+    )
 
     section.html.append(_png(_accuracy_figure(views.classes, accuracy, overall)))
     section.html.append(_png(_confusion_figure(views.classes, matrix)))
-    rows = [[name, str(support[c]), "n/a" if np.isnan(accuracy[c]) else f"{accuracy[c]:.2f}"]
-            for c, name in enumerate(views.classes)]
+    rows = [
+        [name, str(support[c]), "n/a" if np.isnan(accuracy[c]) else f"{accuracy[c]:.2f}"]
+        for c, name in enumerate(views.classes)
+    ]
     _table(section, ["class", "test images", "top-1 (%)"], rows)
     return section
 
@@ -334,15 +345,37 @@ def _export(run_dir: Path) -> Section:
         integrity = "every file matches its sha256"
     except BundleError as exc:
         integrity = f"FAILED: {exc}"
-    _text(section, f"Bundle {'verified' if manifest.get('verified') else 'NOT verified'} at export; "
-                   f"integrity: {integrity}.")
-    rows = [[precision, format_value("passed", p["passed"]), format_value("samples", p["samples"]),
-             format_value("min_cosine", p["min_cosine"]), _sci(p["max_abs_err"]),
-             format_value("top1", p["reference_top1"]), format_value("top1", p["top1"]),
-             format_value("drop", p["top1_drop"])]
-            for precision, p in read_parity(run_dir).items()]
-    _table(section, ["precision", "verdict", "golden samples", "min cosine", "max abs err",
-                     "k-NN top-1 PyTorch", "k-NN top-1 export", "drop (points)"], rows)
+    _text(
+        section,
+        f"Bundle {'verified' if manifest.get('verified') else 'NOT verified'} at export; integrity: {integrity}.",
+    )
+    rows = [
+        [
+            precision,
+            format_value("passed", p["passed"]),
+            format_value("samples", p["samples"]),
+            format_value("min_cosine", p["min_cosine"]),
+            _sci(p["max_abs_err"]),
+            format_value("top1", p["reference_top1"]),
+            format_value("top1", p["top1"]),
+            format_value("drop", p["top1_drop"]),
+        ]
+        for precision, p in read_parity(run_dir).items()
+    ]
+    _table(
+        section,
+        [
+            "precision",
+            "verdict",
+            "golden samples",
+            "min cosine",
+            "max abs err",
+            "k-NN top-1 PyTorch",
+            "k-NN top-1 export",
+            "drop (points)",
+        ],
+        rows,
+    )
     return section
 
 
@@ -352,9 +385,17 @@ def _latency(run_dir: Path) -> Section:
     if not bench:
         section.missing = "no bundle/bench*.json (write one with `kt-edge-runtime bench BUNDLE --json`)"
         return section
-    rows = [[b["backend"], b["precision"], b["device"], str(b["batch"]),
-             *(format_value("ms", b[k]) for k in ("p50_ms", "p90_ms", "p99_ms")), format_value("ips", b["throughput_ips"])]
-            for b in bench]
+    rows = [
+        [
+            b["backend"],
+            b["precision"],
+            b["device"],
+            str(b["batch"]),
+            *(format_value("ms", b[k]) for k in ("p50_ms", "p90_ms", "p99_ms")),
+            format_value("ips", b["throughput_ips"]),
+        ]
+        for b in bench
+    ]
     _table(section, ["backend", "precision", "device", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"], rows)
     return section
 
@@ -372,8 +413,12 @@ def _summary(run_dir: Path, recipe: dict) -> Section:
     section = Section("summary", "Run")
     who = describe(run_dir)
     data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
-    rows = [["teacher", who["teacher"] or "missing"], ["distillation", who["distill"] or "missing"],
-            ["student", who["student"] or "missing"], ["seed", str(recipe.get("seed", "missing (no recipe.yaml)"))]]
+    rows = [
+        ["teacher", who["teacher"] or "missing"],
+        ["distillation", who["distill"] or "missing"],
+        ["student", who["student"] or "missing"],
+        ["seed", str(recipe.get("seed", "missing (no recipe.yaml)"))],
+    ]
     for split in ("train", "test"):
         source = data.get(split)
         if isinstance(source, dict):
@@ -383,9 +428,11 @@ def _summary(run_dir: Path, recipe: dict) -> Section:
 
 
 def _render_html(name: str, created: str, sections: list[Section]) -> str:
-    parts = [f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>kt-edge report: {html.escape(name)}</title>",
-             f"<style>{CSS}</style></head><body><h1>kt-edge report: {html.escape(name)}</h1>",
-             f"<p>Generated {html.escape(created)}.</p>"]
+    parts = [
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>kt-edge report: {html.escape(name)}</title>',
+        f"<style>{CSS}</style></head><body><h1>kt-edge report: {html.escape(name)}</h1>",
+        f"<p>Generated {html.escape(created)}.</p>",
+    ]
     for s in sections:
         body = f'<p class="missing">missing: {html.escape(s.missing)}</p>' if s.missing else "\n".join(s.html)
         parts.append(f'<section id="{s.key}"><h2>{html.escape(s.title)}</h2>\n{body}\n</section>')
@@ -421,10 +468,20 @@ def write_report(
         raise ValueError(f"need map_points >= 0 and max_bank, max_test >= 1, got {map_points}, {max_bank}, {max_test}")
     recipe = read_recipe(run_dir)
     seed = recipe.get("seed", 0) if isinstance(recipe.get("seed", 0), int) else 0
-    views = (_recompute(run_dir, recipe, seed, max_bank, max_test, map_points, device) if recipe
-             else "no recipe.yaml in the run directory")
-    sections = [_summary(run_dir, recipe), _training(run_dir), _evaluation(run_dir), _map(views, seed, map_points),
-                _per_class(views), _export(run_dir), _latency(run_dir)]
+    views = (
+        _recompute(run_dir, recipe, seed, max_bank, max_test, map_points, device)
+        if recipe
+        else "no recipe.yaml in the run directory"
+    )
+    sections = [
+        _summary(run_dir, recipe),
+        _training(run_dir),
+        _evaluation(run_dir),
+        _map(views, seed, map_points),
+        _per_class(views),
+        _export(run_dir),
+        _latency(run_dir),
+    ]
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     html_path, md_path = run_dir / HTML_NAME, run_dir / MD_NAME
     atomic.write_text(html_path, _render_html(run_dir.name, created, sections))

@@ -17,8 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from kt_edge_runtime.backends.onnxruntime import OrtBackend
-from kt_edge_runtime.bundle import (MANIFEST_NAME, Golden, InputSpec, Manifest, ModelEntry, OutputSpec, Parity,
-                                    write_manifest)
+from kt_edge_runtime.bundle import (
+    MANIFEST_NAME,
+    Golden,
+    InputSpec,
+    Manifest,
+    ModelEntry,
+    OutputSpec,
+    Parity,
+    write_manifest,
+)
 from kt_edge_runtime.parity import Thresholds, accuracy_parity, golden_parity, knn_top1
 from kt_edge_runtime.signing import SIGNATURE_NAME, SignatureError, load_private_key, sign_manifest
 from rich.progress import Progress
@@ -37,7 +45,9 @@ class ParityError(KtEdgeError):
 
 def _thresholds(cfg) -> dict[str, Thresholds]:
     return {
-        "fp32": Thresholds(min_cosine=cfg.min_cosine_fp32, rtol=cfg.rtol, atol=cfg.atol, max_top1_drop=cfg.max_knn_drop),
+        "fp32": Thresholds(
+            min_cosine=cfg.min_cosine_fp32, rtol=cfg.rtol, atol=cfg.atol, max_top1_drop=cfg.max_knn_drop
+        ),
         "fp16": Thresholds(min_cosine=cfg.min_cosine_fp16, max_top1_drop=cfg.max_knn_drop),
         "int8": Thresholds(min_cosine=cfg.min_cosine_int8, max_top1_drop=cfg.max_knn_drop),
     }
@@ -78,8 +88,7 @@ def _version() -> str:
 
 def _cosines(report) -> dict:
     """The per-image cosine distribution a split-parity report summarises, for the manifest."""
-    return {"images": report.samples, "min": report.min_cosine, "p1": report.p1_cosine,
-            "median": report.median_cosine}
+    return {"images": report.samples, "min": report.min_cosine, "p1": report.p1_cosine, "median": report.median_cosine}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -87,8 +96,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, seed: int,
-                 provenance: dict) -> dict:
+def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, seed: int, provenance: dict) -> dict:
     """Write the bundle, check every precision, and raise ParityError naming the worst sample on failure."""
     bundle_dir = Path(bundle_dir)
     try:
@@ -124,16 +132,20 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
         calib_x = _stack(train_set, picked)[0].astype(np.float32)
         files["int8"] = bundle_dir / "model.int8.onnx"
         try:
-            record = to_int8(files["fp32"], files["int8"], calib_x, cfg.int8.target, cfg.int8.keep_float,
-                             cfg.int8.quantize_output)
+            record = to_int8(
+                files["fp32"], files["int8"], calib_x, cfg.int8.target, cfg.int8.keep_float, cfg.int8.quantize_output
+            )
         except ValueError as exc:
             raise KtEdgeError(f"export.int8: {exc}") from None
-        record["calibration"].update(split=train_set.name, seed=seed + 1,
-                                     sha256=hashlib.sha256(calib_x.tobytes()).hexdigest())
+        record["calibration"].update(
+            split=train_set.name, seed=seed + 1, sha256=hashlib.sha256(calib_x.tobytes()).hexdigest()
+        )
         quantization["int8"] = record
 
-    entries = {p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-                             quantization=quantization.get(p)) for p, f in files.items()}
+    entries = {
+        p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME, quantization=quantization.get(p))
+        for p, f in files.items()
+    }
     # checked on the kernels the device's ONNX Runtime picks for the file: fused, exact mode for full-range int8
     backends = {p: OrtBackend(f, exact_int8=entries[p].full_range_int8) for p, f in files.items()}
     thresholds = _thresholds(cfg)
@@ -156,8 +168,11 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
         results[precision]["split"] = {**split.to_dict(), "split": test_set.name, "cosine": _cosines(split)}
         if not split.passed:
             failures.append(f"{files[precision].name} on {test_set.name}: {split.summary()}")
-        acc = accuracy_parity(reference, knn_top1(*bank[precision], *test[precision], k=KNN_K, t=KNN_T),
-                              thresholds[precision].max_top1_drop)
+        acc = accuracy_parity(
+            reference,
+            knn_top1(*bank[precision], *test[precision], k=KNN_K, t=KNN_T),
+            thresholds[precision].max_top1_drop,
+        )
         results[precision]["accuracy"] = {**acc.to_dict(), "k": KNN_K, "t": KNN_T, "split": test_set.name}
         results[precision]["passed"] = results[precision]["golden"]["passed"] and split.passed and acc.passed
         if not acc.passed:
@@ -165,8 +180,13 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
 
     manifest = Manifest(
         architecture=card["arch"],
-        input=InputSpec(shape=(3, size, size), resize=card["resize"], crop=card["crop"],
-                        mean=tuple(card["mean"]), std=tuple(card["std"])),
+        input=InputSpec(
+            shape=(3, size, size),
+            resize=card["resize"],
+            crop=card["crop"],
+            mean=tuple(card["mean"]),
+            std=tuple(card["std"]),
+        ),
         output=OutputSpec(name=OUTPUT_NAME, dim=card["embed_dim"], normalized=False),
         models=entries,
         golden=Golden(inputs="golden/inputs.npy", outputs="golden/outputs.npy"),

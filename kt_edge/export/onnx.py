@@ -19,9 +19,16 @@ def export_fp32(model: torch.nn.Module, path: Path, image_size: int, opset: int 
     model = model.eval().cpu()
     example = torch.zeros(2, 3, image_size, image_size)
     with atomic.atomic_path(path) as tmp:
-        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
         onnx.checker.check_model(str(tmp))
         slim = onnxslim.slim(str(tmp))
         onnx.checker.check_model(slim)

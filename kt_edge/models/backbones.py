@@ -57,7 +57,7 @@ def build_backbone(arch: str, image_size: int, layer: str | None = None) -> Back
         net.fc = nn.Identity()
         if layer is not None:
             last = RESNET_LAYERS.index(layer)
-            for name in RESNET_LAYERS[last + 1:]:
+            for name in RESNET_LAYERS[last + 1 :]:
                 setattr(net, name, nn.Identity())
             embed_dim = _last_conv(getattr(net, layer)).out_channels
         return Backbone(arch, image_size, net, embed_dim, layer)
@@ -66,7 +66,7 @@ def build_backbone(arch: str, image_size: int, layer: str | None = None) -> Back
         features[0] = nn.Conv2d(3, 64, kernel_size=5, stride=1, padding=2)
     features = _with_batchnorm(features)
     if layer is not None:
-        features = features[:_alexnet_stage_end(features, ALEXNET_LAYERS.index(layer))]
+        features = features[: _alexnet_stage_end(features, ALEXNET_LAYERS.index(layer))]
     body = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return Backbone(arch, image_size, body, _last_conv(features).out_channels, layer)
 
@@ -110,4 +110,3 @@ def _with_batchnorm(features: nn.Sequential) -> nn.Sequential:
         if isinstance(layer, nn.Conv2d):
             layers.append(nn.BatchNorm2d(layer.out_channels))
     return nn.Sequential(*layers)
-

@@ -29,8 +29,9 @@ SIDECAR = "model.json"
 PROJECTION = "projection."  # key prefix of a teacher's projection head in WEIGHTS
 
 
-def save_backbone(backbone: Backbone, folder: Path, projection: torch.nn.Sequential | None = None,
-                  **provenance) -> None:
+def save_backbone(
+    backbone: Backbone, folder: Path, projection: torch.nn.Sequential | None = None, **provenance
+) -> None:
     """Weights (with the projection head, when given), then the sidecar that vouches for them."""
     folder = Path(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
@@ -41,17 +42,20 @@ def save_backbone(backbone: Backbone, folder: Path, projection: torch.nn.Sequent
     (folder / SIDECAR).unlink(missing_ok=True)
     with atomic.atomic_path(folder / WEIGHTS) as tmp, atomic.os_errors():
         save_file(state, str(tmp))
-    atomic.write_json(folder / SIDECAR, {
-        "arch": backbone.arch,
-        "image_size": backbone.image_size,
-        "embed_dim": backbone.embed_dim,
-        **({"layer": backbone.layer} if getattr(backbone, "layer", None) else {}),
-        "resize": resize_for(backbone.image_size),
-        "crop": backbone.image_size,
-        "mean": list(MEAN),
-        "std": list(STD),
-        **provenance,
-    })
+    atomic.write_json(
+        folder / SIDECAR,
+        {
+            "arch": backbone.arch,
+            "image_size": backbone.image_size,
+            "embed_dim": backbone.embed_dim,
+            **({"layer": backbone.layer} if getattr(backbone, "layer", None) else {}),
+            "resize": resize_for(backbone.image_size),
+            "crop": backbone.image_size,
+            "mean": list(MEAN),
+            "std": list(STD),
+            **provenance,
+        },
+    )
 
 
 def read_sidecar(folder: Path) -> dict | None:
@@ -76,12 +80,15 @@ def load_torch_file(path: Path, what: str, advice: str = "", allowed: tuple[type
         # torch words it "Unsupported global: GLOBAL x.y", or "unsupported GLOBAL x.y whose module x is blocked"
         found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
         if found:
-            raise CheckpointError(f"{path}: refused, the pickle holds more than weights: it would call "
-                                  f"{found.group(1)}; kt-edge will not load it{advice}") from None
+            raise CheckpointError(
+                f"{path}: refused, the pickle holds more than weights: it would call "
+                f"{found.group(1)}; kt-edge will not load it{advice}"
+            ) from None
         raise CheckpointError(f"{path}: not a readable {what} (the pickle is damaged or not one){advice}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable {what} ({exc.__class__.__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0]}){advice}") from None
+        raise CheckpointError(
+            f"{path}: not a readable {what} ({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}){advice}"
+        ) from None
 
 
 def load_backbone(folder: Path) -> tuple[Backbone, dict]:
@@ -97,8 +104,9 @@ def load_backbone(folder: Path) -> tuple[Backbone, dict]:
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise CheckpointError(f"{folder / SIDECAR}: not a valid checkpoint sidecar ({exc!r})") from None
     state = _read_weights(folder)
-    load_weights(backbone, {k: v for k, v in state.items() if not k.startswith(PROJECTION)},
-                 source=str(folder / WEIGHTS))
+    load_weights(
+        backbone, {k: v for k, v in state.items() if not k.startswith(PROJECTION)}, source=str(folder / WEIGHTS)
+    )
     return backbone.eval(), card
 
 
@@ -134,17 +142,21 @@ def _rebuild(card: dict) -> torch.nn.Module:
 def load_weights(model: torch.nn.Module, state: dict, source: str) -> None:
     """load_state_dict that fails with the missing, unexpected and wrongly shaped keys named."""
     own = model.state_dict()
-    wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
+    wrong = [
+        f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items() if k in own and v.shape != own[k].shape
+    ]
     if wrong:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}: "
-                              f"shapes differ (checkpoint vs model) for {_few(wrong)}")
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: shapes differ (checkpoint vs model) for {_few(wrong)}"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: "
-            f"missing {_few(missing)}; unexpected {_few(unexpected)}")
+            f"{source} does not fit {type(model).__name__}: missing {_few(missing)}; unexpected {_few(unexpected)}"
+        )
 
 
 def _few(keys: list[str]) -> str:
-    return "[]" if not keys else "[" + ", ".join(keys[:5]) + (f", ... {len(keys)} in all" if len(keys) > 5 else "") + "]"
+    return (
+        "[]" if not keys else "[" + ", ".join(keys[:5]) + (f", ... {len(keys)} in all" if len(keys) > 5 else "") + "]"
+    )

@@ -17,8 +17,9 @@ from torch import nn
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
-def projection_head(in_dim: int, hidden: int, out_dim: int, layers: int = 2, batchnorm: bool = False,
-                    bias: bool = True) -> nn.Sequential:
+def projection_head(
+    in_dim: int, hidden: int, out_dim: int, layers: int = 2, batchnorm: bool = False, bias: bool = True
+) -> nn.Sequential:
     """``layers`` Linear layers with ReLU between them (BatchNorm before each ReLU when ``batchnorm``)."""
     blocks, width = [], in_dim
     for _ in range(layers - 1):
@@ -36,8 +37,9 @@ def head_spec(head: nn.Sequential) -> list[dict]:
     spec = []
     for layer in head:
         if isinstance(layer, nn.Linear):
-            spec.append({"type": "linear", "in": layer.in_features, "out": layer.out_features,
-                         "bias": layer.bias is not None})
+            spec.append(
+                {"type": "linear", "in": layer.in_features, "out": layer.out_features, "bias": layer.bias is not None}
+            )
         elif isinstance(layer, nn.BatchNorm1d):
             spec.append({"type": "batchnorm", "dim": layer.num_features, "affine": layer.affine})
         elif type(layer) in ACTIVATIONS.values():

@@ -55,8 +55,9 @@ HEADS = {  # format -> (key prefix of the projection head's nn.Sequential, the a
 Teacher = tuple[nn.Module, nn.Sequential | None]  # the network, and its projection head where it has one
 
 
-def import_teacher(path: Path | str, arch: str, image_size: int, format: str = "auto",
-                   layer: str | None = None) -> Teacher:
+def import_teacher(
+    path: Path | str, arch: str, image_size: int, format: str = "auto", layer: str | None = None
+) -> Teacher:
     """The teacher a checkpoint holds, in eval mode: a Backbone of ``arch`` (features at ``layer``), or a timm
     model; and its projection head (None without one, or when ``layer`` takes features below the head)."""
     path = Path(path)
@@ -84,13 +85,17 @@ def _import_folder(path: Path, image_size: int, format: str, layer: str | None) 
     elif (path / TIMM_CONFIG).is_file() and format in ("auto", "timm"):
         teacher, projection = import_timm(path, image_size), None
     else:
-        raise CheckpointError(f"{path}: a folder teacher needs {SIDECAR} (a kt-edge checkpoint) or {TIMM_CONFIG} "
-                              f"(a timm model), and format auto, kt-edge or timm (got {format})")
+        raise CheckpointError(
+            f"{path}: a folder teacher needs {SIDECAR} (a kt-edge checkpoint) or {TIMM_CONFIG} "
+            f"(a timm model), and format auto, kt-edge or timm (got {format})"
+        )
     if not layer:
         return teacher, projection
     if not isinstance(teacher, Backbone):
-        raise CheckpointError(f"{path}: a timm teacher gives its pooled features; a teacher layer "
-                              f"({layer!r}) applies to resnet and alexnet backbones")
+        raise CheckpointError(
+            f"{path}: a timm teacher gives its pooled features; a teacher layer "
+            f"({layer!r}) applies to resnet and alexnet backbones"
+        )
     return at_layer(teacher, layer).eval(), None
 
 
@@ -150,8 +155,10 @@ def _encoder_state(obj: object, format: str, source: str) -> dict[str, torch.Ten
     if format == "moco":
         prefix = next((p for p in MOCO_ENCODERS if any(k.startswith(p) for k in state)), None)
         if prefix is None:
-            raise CheckpointError(f"{source}: no MoCo query encoder (keys starting module.encoder_q. or "
-                                  f"module.base_encoder.); is it another format?")
+            raise CheckpointError(
+                f"{source}: no MoCo query encoder (keys starting module.encoder_q. or "
+                f"module.base_encoder.); is it another format?"
+            )
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     elif format == "dino":
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
@@ -189,8 +196,10 @@ def import_timm(folder: Path, image_size: int) -> TimmTeacher:
         config = json.loads((folder / TIMM_CONFIG).read_text())
         arch = config["architecture"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{folder / TIMM_CONFIG}: not a timm config ({exc.__class__.__name__}); "
-                              "expected at least {\"architecture\": ...}") from None
+        raise CheckpointError(
+            f"{folder / TIMM_CONFIG}: not a timm config ({exc.__class__.__name__}); "
+            'expected at least {"architecture": ...}'
+        ) from None
     cfg = config.get("pretrained_cfg", {})
     name = f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch
     weights = next((folder / f for f in TIMM_WEIGHTS if (folder / f).is_file()), None)

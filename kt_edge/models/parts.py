@@ -24,11 +24,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_parts(folder: Path, out: Path, weights: str, sidecar: str, max_bytes: int = MAX_PART_BYTES,
-                **provenance) -> list[Path]:
+def write_parts(
+    folder: Path, out: Path, weights: str, sidecar: str, max_bytes: int = MAX_PART_BYTES, **provenance
+) -> list[Path]:
     """The checkpoint in ``folder`` as ``out``/<sidecar> plus <weights>.part-<i> files, its floating-point
     tensors in fp16; ``provenance`` is added to the sidecar. Returns the files written."""
-    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(folder / weights)).items()}
+    state = {
+        k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(str(folder / weights)).items()
+    }
     out.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(out / weights) as tmp, atomic.os_errors():
         save_file(state, str(tmp))
@@ -36,14 +39,17 @@ def write_parts(folder: Path, out: Path, weights: str, sidecar: str, max_bytes: 
     (out / weights).unlink()
     files, written = [], []
     for index, start in enumerate(range(0, len(data), max_bytes)):
-        chunk = data[start:start + max_bytes]
+        chunk = data[start : start + max_bytes]
         path = out / f"{weights}.part-{index}"
         atomic.write_bytes(path, chunk)
         files.append({"name": path.name, "bytes": len(chunk), "sha256": _sha256(chunk)})
         written.append(path)
     card = json.loads((folder / sidecar).read_text())
-    card.update(provenance, dtype="float16", parts={"file": weights, "bytes": len(data), "sha256": _sha256(data),
-                                                    "files": files})
+    card.update(
+        provenance,
+        dtype="float16",
+        parts={"file": weights, "bytes": len(data), "sha256": _sha256(data), "files": files},
+    )
     atomic.write_json(out / sidecar, card)
     return [out / sidecar, *written]
 
@@ -58,8 +64,9 @@ def join_parts(folder: Path, card: dict) -> Path:
             raise CheckpointError(f"{path}: a part of {spec['file']} is missing")
         chunk = path.read_bytes()
         if _sha256(chunk) != part["sha256"]:
-            raise CheckpointError(f"{path}: sha256 differs from the one its sidecar records; the part was "
-                                  "changed or cut short")
+            raise CheckpointError(
+                f"{path}: sha256 differs from the one its sidecar records; the part was changed or cut short"
+            )
         chunks.append(chunk)
     data = b"".join(chunks)
     if _sha256(data) != spec["sha256"]:

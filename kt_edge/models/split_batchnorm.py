@@ -29,8 +29,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         s = self.splits
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
         # Sample i's channels become channels (i % s) * c ... of a batch of n / s: NCHW order is needed for that view.
-        out = F.batch_norm(x.contiguous().view(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
-                           True, self.momentum, self.eps).view(n, c, h, w)
+        out = F.batch_norm(
+            x.contiguous().view(n // s, c * s, h, w),
+            mean,
+            var,
+            self.weight.repeat(s),
+            self.bias.repeat(s),
+            True,
+            self.momentum,
+            self.eps,
+        ).view(n, c, h, w)
         with torch.no_grad():  # one running-statistics update per step: the mean of the splits'
             self.running_mean.copy_(mean.view(s, c).mean(0))
             self.running_var.copy_(var.view(s, c).mean(0))

@@ -49,9 +49,11 @@ def build_timm(name: str, image_size: int, mean=MEAN, std=STD) -> TimmTeacher:
     ``pretrained=False``: refused, so no code path reaches the network.
     """
     if ":" in name:
-        raise CheckpointError(f"timm teacher {name!r}: a hub reference, which timm would download; kt-edge reads "
-                              "local files only: name the timm architecture in config.json (e.g. "
-                              "\"vit_small_patch16_224\") and keep its weights beside it")
+        raise CheckpointError(
+            f"timm teacher {name!r}: a hub reference, which timm would download; kt-edge reads "
+            "local files only: name the timm architecture in config.json (e.g. "
+            '"vit_small_patch16_224") and keep its weights beside it'
+        )
     try:
         import timm
     except ImportError:

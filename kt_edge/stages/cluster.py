@@ -30,8 +30,11 @@ def cluster_stage(recipe: Recipe) -> Path:
     run_dir = prepare(recipe)
     out, inputs, cfg = run_dir / "clusters", cluster_inputs(recipe), recipe.cluster
     report_path = out / "report.json"
-    done = (report_path.is_file() and json.loads(report_path.read_text()).get("inputs") == inputs
-            and (out / "pseudo_labels.npy").is_file())
+    done = (
+        report_path.is_file()
+        and json.loads(report_path.read_text()).get("inputs") == inputs
+        and (out / "pseudo_labels.npy").is_file()
+    )
     distributed.barrier()  # every rank has looked before rank 0 rewrites
     if done:
         if distributed.is_main():
@@ -44,15 +47,25 @@ def cluster_stage(recipe: Recipe) -> Path:
         raise DataError(f"cluster.k {cfg.k} is more than the {store.n} images of data.train; lower cluster.k")
     n_fit = min(store.n, cfg.k * cfg.max_points_per_centroid)  # the sample PCA and k-means are fitted on
     if cfg.pca_dim is not None and (cfg.pca_dim > store.dim or cfg.pca_dim >= n_fit):
-        raise DataError(f"cluster.pca_dim {cfg.pca_dim} must be at most the feature dim {store.dim} and below "
-                        f"the {n_fit} points k-means is fitted on; lower it or unset it")
+        raise DataError(
+            f"cluster.pca_dim {cfg.pca_dim} must be at most the feature dim {store.dim} and below "
+            f"the {n_fit} points k-means is fitted on; lower it or unset it"
+        )
     sets = {"data.train": store}
     if cfg.assign_to is not None:
         sets["cluster.assign_to"] = features_stage(recipe, "assign_to")
     # Every rank helps extract and cluster (each its share of the sample); rank 0 alone assigns and writes.
-    model, _ = fit_clusters(store, cfg.k, pca_dim=cfg.pca_dim, normalize=cfg.normalize, niter=cfg.niter,
-                            seed=recipe.seed, max_points_per_centroid=cfg.max_points_per_centroid,
-                            use_gpu=cfg.use_gpu, collective=True)
+    model, _ = fit_clusters(
+        store,
+        cfg.k,
+        pca_dim=cfg.pca_dim,
+        normalize=cfg.normalize,
+        niter=cfg.niter,
+        seed=recipe.seed,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        use_gpu=cfg.use_gpu,
+        collective=True,
+    )
     if not distributed.is_main():
         distributed.barrier()
         return out
@@ -64,8 +77,9 @@ def cluster_stage(recipe: Recipe) -> Path:
         reports[name] = cluster_report(assigned[name], features.labels, cfg.k)
     with atomic.atomic_path(out / "pseudo_labels.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, assigned[target])
-    atomic.write_json(report_path, {"inputs": inputs, "k": cfg.k, "pseudo_labels_of": target,
-                                    "kmeans": model.meta, "sets": reports})
+    atomic.write_json(
+        report_path, {"inputs": inputs, "k": cfg.k, "pseudo_labels_of": target, "kmeans": model.meta, "sets": reports}
+    )
     _print_cluster_table(reports)
     distributed.barrier()
     return out
@@ -78,8 +92,14 @@ def _print_cluster_table(reports: dict) -> None:
         table.add_column(column, justify="right")
     for name, r in reports.items():
         scores = [f"{r[key]:.3f}" if key in r else "-" for key in ("nmi", "ari", "hungarian_accuracy")]
-        table.add_row(name, str(r["n"]), str(r["k"]), str(r["empty_clusters"]),
-                      f"{r['size_min']}/{r['size_median']:g}/{r['size_max']}", *scores)
+        table.add_row(
+            name,
+            str(r["n"]),
+            str(r["k"]),
+            str(r["empty_clusters"]),
+            f"{r['size_min']}/{r['size_median']:g}/{r['size_max']}",
+            *scores,
+        )
     Console().print(table)
 
 
@@ -88,6 +108,8 @@ def pseudo_labelled(recipe: Recipe) -> Images:
     labels = np.load(cluster_stage(recipe) / "pseudo_labels.npy")
     images = training_images(recipe, recipe.cluster.assign_to)
     if len(labels) != len(images):
-        raise DataError(f"{len(labels)} pseudo-labels for {len(images)} images of {images.name}: "
-                        f"delete {recipe.run_dir / 'clusters'} and run again")
+        raise DataError(
+            f"{len(labels)} pseudo-labels for {len(images)} images of {images.name}: "
+            f"delete {recipe.run_dir / 'clusters'} and run again"
+        )
     return DISTILLERS[recipe.distill.method].training_set(images, labels, recipe.distill.options)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from kt_edge.engine import distributed
-from kt_edge.engine.method import Needs
 from kt_edge.engine.device import resolve_device
+from kt_edge.engine.method import Needs
 from kt_edge.errors import CheckpointError, DataError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import load_backbone, load_projection, save_backbone
@@ -18,8 +18,15 @@ from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.recipe import Recipe
 from kt_edge.stages.cluster import pseudo_labelled
 from kt_edge.stages.features import features_stage
-from kt_edge.stages.inputs import (console, distill_needs, prepare, student_inputs, teacher_inputs, training_images,
-                                   up_to_date)
+from kt_edge.stages.inputs import (
+    console,
+    distill_needs,
+    prepare,
+    student_inputs,
+    teacher_inputs,
+    training_images,
+    up_to_date,
+)
 from kt_edge.stages.training import train_stage
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
@@ -32,8 +39,11 @@ def frozen_teacher(teacher_dir: Path, space: str, device: torch.device) -> Froze
     """The run's teacher in the space the method distils: its projection head's output, or its backbone's."""
     projection = load_projection(teacher_dir) if space == "head" else None
     if space == "head" and projection is None:
-        log.warning("teacher_space head: the teacher in %s has no projection head (a pretext method, an imported "
-                    "classifier, or features below its last layer); distilling its backbone features", teacher_dir)
+        log.warning(
+            "teacher_space head: the teacher in %s has no projection head (a pretext method, an imported "
+            "classifier, or features below its last layer); distilling its backbone features",
+            teacher_dir,
+        )
     return FrozenTeacher(load_backbone(teacher_dir)[0], device, projection)
 
 
@@ -58,8 +68,10 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
         data = training_images(recipe)
         teacher = CachedTeacher(features_stage(recipe, "train"), device)
         if len(teacher) != len(data):
-            raise DataError(f"{len(teacher)} cached teacher features for {len(data)} images of data.train: "
-                            f"delete {run_dir / 'features' / 'train'} and run again")
+            raise DataError(
+                f"{len(teacher)} cached teacher features for {len(data)} images of data.train: "
+                f"delete {run_dir / 'features' / 'train'} and run again"
+            )
         data = data.with_labels(np.arange(len(data)))
     else:
         data = training_images(recipe)
@@ -72,10 +84,21 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
         method = DISTILLERS[cfg.method](student, teacher, cfg.options, n_images=len(data), **extra)
     result = train_stage(recipe, method, data, cfg.train, out, "distill", resume, inputs)
     if distributed.is_main():
-        space = {"teacher_space": teacher.space, "teacher_dim": teacher.embed_dim} if isinstance(
-            teacher, FrozenTeacher) else {}
-        save_backbone(method.backbone, out, stage="student", method=cfg.method,
-                      teacher=None if needs is Needs.NOTHING else str(teacher_dir), **space,
-                      inputs=inputs, steps=result.steps, final_loss=result.final_loss)
+        space = (
+            {"teacher_space": teacher.space, "teacher_dim": teacher.embed_dim}
+            if isinstance(teacher, FrozenTeacher)
+            else {}
+        )
+        save_backbone(
+            method.backbone,
+            out,
+            stage="student",
+            method=cfg.method,
+            teacher=None if needs is Needs.NOTHING else str(teacher_dir),
+            **space,
+            inputs=inputs,
+            steps=result.steps,
+            final_loss=result.final_loss,
+        )
     distributed.barrier()
     return out

@@ -41,10 +41,14 @@ def evaluate(recipe: Recipe) -> dict:
     transfer = transfer_splits(recipe.eval, recipe.data.image_size, recipe.seed)
     results = {}
     for name, model in models.items():
-        results[name] = evaluate_model(model, train_set, test_set, recipe.eval, recipe.seed, device,
-                                       recipe.data.workers)
-        results[name].update(evaluate_transfer(model, recipe.eval, recipe.data.image_size, recipe.seed, device,
-                                               recipe.data.workers, splits=transfer))
+        results[name] = evaluate_model(
+            model, train_set, test_set, recipe.eval, recipe.seed, device, recipe.data.workers
+        )
+        results[name].update(
+            evaluate_transfer(
+                model, recipe.eval, recipe.data.image_size, recipe.seed, device, recipe.data.workers, splits=transfer
+            )
+        )
         console.print(f"eval: {name} " + ", ".join(f"{metric} {value:.2f}" for metric, value in results[name].items()))
     atomic.write_json(results_path, results)
     atomic.write_text(stamp, inputs)  # last: it vouches for the results beside it

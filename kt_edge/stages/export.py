@@ -30,9 +30,15 @@ def export(recipe: Recipe) -> dict:
         console.print(f"export: up to date in {bundle_dir}")
         return {"bundle": str(bundle_dir), "results": done.parity.results}
     train_set, test_set = labelled_splits(recipe)
-    provenance = {"recipe": recipe.digest(), "inputs": inputs, "teacher": recipe.teacher.method,
-                  "teacher_arch": recipe.teacher.arch, "method": recipe.distill.method, "student": card["arch"],
-                  **{key: card[key] for key in ("teacher_space", "teacher_dim") if key in card}}  # what was distilled
+    provenance = {
+        "recipe": recipe.digest(),
+        "inputs": inputs,
+        "teacher": recipe.teacher.method,
+        "teacher_arch": recipe.teacher.arch,
+        "method": recipe.distill.method,
+        "student": card["arch"],
+        **{key: card[key] for key in ("teacher_space", "teacher_dim") if key in card},
+    }  # what was distilled
     results_path = run_dir / "eval" / "results.json"
     if results_path.is_file():
         provenance["metrics"] = json.loads(results_path.read_text())

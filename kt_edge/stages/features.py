@@ -35,8 +35,14 @@ def features_stage(recipe: Recipe, split: str = "train") -> FeatureStore:
             console.print(f"features: {split} up to date in {out}")
         return store
     images = open_source(source, recipe.seed).with_transform(eval_transform(recipe.data.image_size))
-    store = extract(load_backbone(teacher_dir)[0], images, out, device=resolve_device(recipe.device),
-                    workers=recipe.data.workers, fingerprint=inputs)
+    store = extract(
+        load_backbone(teacher_dir)[0],
+        images,
+        out,
+        device=resolve_device(recipe.device),
+        workers=recipe.data.workers,
+        fingerprint=inputs,
+    )
     if distributed.is_main():
         console.print(f"features: {store.n} x {store.dim} teacher features of {FEATURE_SPLITS[split]} -> {out}")
     return store

@@ -13,7 +13,8 @@ from kt_edge.data.augment import eval_transform
 from kt_edge.data.cache import cached_source
 from kt_edge.data.sources import Images, open_source
 from kt_edge.engine import distributed
-from kt_edge.engine.method import Needs, needs as method_needs
+from kt_edge.engine.method import Needs
+from kt_edge.engine.method import needs as method_needs
 from kt_edge.errors import DataError
 from kt_edge.models.checkpoint import read_sidecar
 from kt_edge.recipe import Recipe
@@ -48,8 +49,9 @@ def training_images(recipe: Recipe, source=None) -> Images:
     """A training split (data.train by default): its uint8 cache when data.cache is set, else the files."""
     source = source or recipe.data.train
     if recipe.data.cache:
-        return cached_source(source, recipe.data.image_size, recipe.seed, recipe.data.cache_dir,
-                             workers=recipe.data.workers)
+        return cached_source(
+            source, recipe.data.image_size, recipe.seed, recipe.data.cache_dir, workers=recipe.data.workers
+        )
     return open_source(source, recipe.seed)
 
 
@@ -57,10 +59,14 @@ def cache_data(recipe: Recipe, split: str = "train") -> Path:
     """Decode data.<split> once into the uint8 cache that training reads with data.cache: true."""
     source = {"train": recipe.data.train, "test": recipe.data.test}.get(split)
     if source is None:
-        raise DataError(f"no data.{split} in the recipe" if split in ("train", "test")
-                        else f"unknown split {split!r}; choose train or test")
-    images = cached_source(source, recipe.data.image_size, recipe.seed, recipe.data.cache_dir,
-                           workers=recipe.data.workers)
+        raise DataError(
+            f"no data.{split} in the recipe"
+            if split in ("train", "test")
+            else f"unknown split {split!r}; choose train or test"
+        )
+    images = cached_source(
+        source, recipe.data.image_size, recipe.seed, recipe.data.cache_dir, workers=recipe.data.workers
+    )
     console.print(f"cache: {len(images)} images of data.{split} at {recipe.data.image_size}px in {images.root}")
     return images.root
 
@@ -99,8 +105,10 @@ FEATURE_SPLITS = {"train": "data.train", "test": "data.test", "assign_to": "clus
 def eval_inputs(recipe: Recipe) -> str:
     """What eval/results.json depends on: the splits, the eval section, and the models it scores."""
     cards = [read_sidecar(recipe.run_dir / name) or {} for name in ("teacher", "student")]
-    return _combine(recipe.digest("seed", "data.train", "data.test", "data.image_size", "eval", "distill.student"),
-                    *(card.get("inputs") for card in cards))
+    return _combine(
+        recipe.digest("seed", "data.train", "data.test", "data.image_size", "eval", "distill.student"),
+        *(card.get("inputs") for card in cards),
+    )
 
 
 def export_inputs(recipe: Recipe) -> str:
@@ -108,9 +116,20 @@ def export_inputs(recipe: Recipe) -> str:
     evaluation results it carries as provenance."""
     card = read_sidecar(recipe.run_dir / "student") or {}
     results = recipe.run_dir / "eval" / "results.json"
-    return _combine(recipe.digest("seed", "data.train", "data.test", "data.image_size", "export", "teacher.method",
-                                  "teacher.arch", "distill.method"), card.get("inputs"),
-                    hashlib.sha256(results.read_bytes()).hexdigest() if results.is_file() else None)
+    return _combine(
+        recipe.digest(
+            "seed",
+            "data.train",
+            "data.test",
+            "data.image_size",
+            "export",
+            "teacher.method",
+            "teacher.arch",
+            "distill.method",
+        ),
+        card.get("inputs"),
+        hashlib.sha256(results.read_bytes()).hexdigest() if results.is_file() else None,
+    )
 
 
 def _combine(*parts) -> str:
@@ -137,9 +156,11 @@ def labelled_splits(recipe: Recipe) -> tuple[Images, Images]:
     if train_set.classes != test_set.classes:
         only_train = sorted(set(train_set.classes) - set(test_set.classes))
         only_test = sorted(set(test_set.classes) - set(train_set.classes))
-        raise DataError(f"classes differ between {train_set.name} ({len(train_set.classes)}) and "
-                        f"{test_set.name} ({len(test_set.classes)}): only in the first {_few(only_train)}, "
-                        f"only in the second {_few(only_test)}")
+        raise DataError(
+            f"classes differ between {train_set.name} ({len(train_set.classes)}) and "
+            f"{test_set.name} ({len(test_set.classes)}): only in the first {_few(only_train)}, "
+            f"only in the second {_few(only_test)}"
+        )
     transform = eval_transform(recipe.data.image_size)
     return train_set.with_transform(transform), test_set.with_transform(transform)
 

@@ -54,7 +54,13 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
         parity.add_column(column)
     for precision, res in report["results"].items():
         cosine = res["split"]["cosine"]
-        parity.add_row(precision, str(cosine["images"]), f"{cosine['min']:.6f}", f"{cosine['p1']:.6f}",
-                       f"{res['accuracy']['drop']:+.2f}", "PASS" if res["passed"] else "FAIL")
+        parity.add_row(
+            precision,
+            str(cosine["images"]),
+            f"{cosine['min']:.6f}",
+            f"{cosine['p1']:.6f}",
+            f"{res['accuracy']['drop']:+.2f}",
+            "PASS" if res["passed"] else "FAIL",
+        )
     Console().print(parity)
     Console().print(f"bundle: {report['bundle']}")

@@ -29,10 +29,12 @@ def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
     cfg = recipe.teacher
     if cfg.checkpoint is not None:
         if distributed.is_main():
-            backbone, projection = import_teacher(cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format,
-                                                  cfg.layer)
-            save_backbone(backbone, out, projection, stage="teacher", method="imported", source=str(cfg.checkpoint),
-                          inputs=inputs)
+            backbone, projection = import_teacher(
+                cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format, cfg.layer
+            )
+            save_backbone(
+                backbone, out, projection, stage="teacher", method="imported", source=str(cfg.checkpoint), inputs=inputs
+            )
             console.print(f"teacher: imported {cfg.checkpoint} -> {out}")
         distributed.barrier()  # the others read the teacher only once it is whole
         return out
@@ -44,7 +46,15 @@ def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
     if distributed.is_main():
         backbone = at_layer(method.backbone, cfg.layer) if cfg.layer else method.backbone
         projection = None if cfg.layer else getattr(method, "projection", None)  # the head fits the last layer
-        save_backbone(backbone, out, projection, stage="teacher", method=cfg.method, inputs=inputs,
-                      steps=result.steps, final_loss=result.final_loss)
+        save_backbone(
+            backbone,
+            out,
+            projection,
+            stage="teacher",
+            method=cfg.method,
+            inputs=inputs,
+            steps=result.steps,
+            final_loss=result.final_loss,
+        )
     distributed.barrier()
     return out

@@ -9,10 +9,22 @@ from kt_edge.engine.trainer import train
 
 def train_stage(recipe, method, data, cfg, out, stage, resume, inputs):
     device = resolve_device(recipe.device)
-    augment = resolve_augment(recipe.data.augment, data, recipe.data.image_size, device,
-                              method.train_transform(recipe.data.image_size))
+    augment = resolve_augment(
+        recipe.data.augment, data, recipe.data.image_size, device, method.train_transform(recipe.data.image_size)
+    )
     path = ("cache+" if recipe.data.cache else "") + augment
-    return train(method, data, cfg, out, stage=stage, seed=recipe.seed, device=device,
-                 image_size=recipe.data.image_size, workers=recipe.data.workers, resume=resume,
-                 fingerprint=inputs if path == "per_sample" else f"{inputs}+{path}",  # a resume keeps its data path
-                 metrics_path=recipe.run_dir / "metrics.jsonl", augment=augment)
+    return train(
+        method,
+        data,
+        cfg,
+        out,
+        stage=stage,
+        seed=recipe.seed,
+        device=device,
+        image_size=recipe.data.image_size,
+        workers=recipe.data.workers,
+        resume=resume,
+        fingerprint=inputs if path == "per_sample" else f"{inputs}+{path}",  # a resume keeps its data path
+        metrics_path=recipe.run_dir / "metrics.jsonl",
+        augment=augment,
+    )

@@ -17,8 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from kt_edge.models.backbones import Backbone
-from kt_edge.teachers.tiles import (CELLS, PuzzleCrop, TileHead, check_tile, cut_grid, default_tile, embed_tiles,
-                                    geometry, hamming_permutations, normalize_tiles)
+from kt_edge.teachers.tiles import (
+    CELLS,
+    PuzzleCrop,
+    TileHead,
+    check_tile,
+    cut_grid,
+    default_tile,
+    embed_tiles,
+    geometry,
+    hamming_permutations,
+    normalize_tiles,
+)
 
 
 class JigsawOptions(BaseModel):
@@ -37,8 +47,10 @@ class JigsawOptions(BaseModel):
     @model_validator(mode="after")
     def _identifiable(self):
         if self.replace >= self.min_hamming:
-            raise ValueError(f"teacher.options.replace {self.replace} needs min_hamming above it ({self.min_hamming}): "
-                             "with that many tiles replaced two permutations of the set could look the same")
+            raise ValueError(
+                f"teacher.options.replace {self.replace} needs min_hamming above it ({self.min_hamming}): "
+                "with that many tiles replaced two permutations of the set could look the same"
+            )
         return self
 
 

@@ -38,9 +38,13 @@ class MoCoOptions(BaseModel):
     queue: int = queue_field(65536, "negatives; a multiple of the batch, smaller than the dataset")
     momentum: float = Field(default=0.999, ge=0, lt=1)
     temperature: float = Field(default=0.2, gt=0)
-    bn_splits: int = Field(default=8, ge=1, description="one process: BatchNorm statistics over up to this many "
-                           f"sub-batches of at least {MIN_SPLIT} images, keys shuffled across them (the shuffled "
-                           "BN of several GPUs)")
+    bn_splits: int = Field(
+        default=8,
+        ge=1,
+        description="one process: BatchNorm statistics over up to this many "
+        f"sub-batches of at least {MIN_SPLIT} images, keys shuffled across them (the shuffled "
+        "BN of several GPUs)",
+    )
 
 
 class MoCo(nn.Module):

@@ -14,8 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from kt_edge.models.backbones import Backbone
-from kt_edge.teachers.tiles import (GRID, PuzzleCrop, TileHead, check_tile, cut_grid, default_tile, embed_tiles,
-                                    geometry, normalize_tiles)
+from kt_edge.teachers.tiles import (
+    GRID,
+    PuzzleCrop,
+    TileHead,
+    check_tile,
+    cut_grid,
+    default_tile,
+    embed_tiles,
+    geometry,
+    normalize_tiles,
+)
 
 CENTRE = (GRID * GRID) // 2
 # (row, column) step from the centre patch to the neighbour, per label: row-major around the centre.

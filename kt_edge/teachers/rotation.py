@@ -41,18 +41,24 @@ class Rotation(nn.Module):
         self.opts = RotationOptions(**options)
         self.backbone = backbone
         dim = backbone.embed_dim
-        self.head = (nn.Linear(dim, ROTATIONS) if not self.opts.hidden else
-                     nn.Sequential(nn.Linear(dim, self.opts.hidden), nn.ReLU(inplace=True),
-                                   nn.Linear(self.opts.hidden, ROTATIONS)))
+        self.head = (
+            nn.Linear(dim, ROTATIONS)
+            if not self.opts.hidden
+            else nn.Sequential(
+                nn.Linear(dim, self.opts.hidden), nn.ReLU(inplace=True), nn.Linear(self.opts.hidden, ROTATIONS)
+            )
+        )
 
     def train_transform(self, image_size: int) -> T.Compose:
         """Square crops (so every rotation has the same shape) and flips; no colour change is needed."""
-        return T.Compose([
-            T.RandomResizedCrop(image_size, scale=(self.opts.crop_scale, 1.0), ratio=(1.0, 1.0), antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(MEAN, STD),
-        ])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(self.opts.crop_scale, 1.0), ratio=(1.0, 1.0), antialias=True),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ]
+        )
 
     def training_step(self, batch):
         images, _ = batch  # B x 3 x S x S

@@ -41,8 +41,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     itself = positives[:, None] == torch.arange(len(all1), device=z1.device)[None, :]  # n x N
     logits_a = torch.cat([z1 @ all2.T, (z1 @ all1.T).masked_fill(itself, float("-inf"))], dim=1)  # n x 2N
     logits_b = torch.cat([z2 @ all1.T, (z2 @ all2.T).masked_fill(itself, float("-inf"))], dim=1)
-    return (F.cross_entropy(logits_a / temperature, positives) + F.cross_entropy(logits_b / temperature,
-                                                                                 positives)) / 2
+    return (F.cross_entropy(logits_a / temperature, positives) + F.cross_entropy(logits_b / temperature, positives)) / 2
 
 
 class SimCLR(nn.Module):

@@ -50,8 +50,10 @@ def check_tile(backbone: Backbone, tile: int, key: str) -> None:
         with torch.no_grad():
             backbone(torch.zeros(1, 3, tile, tile))
     except RuntimeError as exc:
-        raise RecipeError(f"{key} {tile}: {backbone.arch} cannot embed {tile}x{tile} tiles "
-                          f"({str(exc).splitlines()[0]}); set a larger {key}") from None
+        raise RecipeError(
+            f"{key} {tile}: {backbone.arch} cannot embed {tile}x{tile} tiles "
+            f"({str(exc).splitlines()[0]}); set a larger {key}"
+        ) from None
     finally:
         backbone.train(was_training)
 
@@ -60,11 +62,13 @@ class PuzzleCrop:
     """PIL image -> [3, side, side] float tensor in [0, 1]: a random square crop, grey with probability p."""
 
     def __init__(self, side: int, grayscale: float, scale: tuple[float, float] = (0.6, 1.0)):
-        self.transform = T.Compose([
-            T.RandomResizedCrop(side, scale=scale, ratio=(1.0, 1.0), antialias=True),
-            T.RandomGrayscale(p=grayscale),
-            T.ToTensor(),
-        ])
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(side, scale=scale, ratio=(1.0, 1.0), antialias=True),
+                T.RandomGrayscale(p=grayscale),
+                T.ToTensor(),
+            ]
+        )
 
     def __call__(self, image) -> torch.Tensor:
         return self.transform(image)
@@ -82,7 +86,7 @@ def cut_grid(puzzle: torch.Tensor, tile: int, jitter: int) -> tuple[torch.Tensor
     shift = torch.randint(-jitter, jitter + 1, (CELLS, 2)) if jitter else torch.zeros(CELLS, 2, dtype=torch.long)
     grid = torch.tensor([(r * cell, c * cell) for r in range(GRID) for c in range(GRID)])
     corners = grid + (centre + shift).clamp(0, cell - tile)
-    tiles = torch.stack([puzzle[:, y:y + tile, x:x + tile] for y, x in corners.tolist()])
+    tiles = torch.stack([puzzle[:, y : y + tile, x : x + tile] for y, x in corners.tolist()])
     return tiles, corners
 
 
@@ -102,8 +106,9 @@ class TileHead(nn.Module):
     def __init__(self, embed_dim: int, tiles: int, tile_dim: int, hidden: int, classes: int):
         super().__init__()
         self.per_tile = nn.Sequential(nn.Linear(embed_dim, tile_dim), nn.ReLU(inplace=True))
-        self.joint = nn.Sequential(nn.Linear(tiles * tile_dim, hidden), nn.ReLU(inplace=True),
-                                   nn.Linear(hidden, classes))
+        self.joint = nn.Sequential(
+            nn.Linear(tiles * tile_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, classes)
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, tiles, embed_dim] -> [B, classes] logits."""
@@ -174,13 +179,19 @@ def hamming_permutations(count: int, min_distance: int = 1) -> np.ndarray:
         except OSError:
             pass  # a read-only home only costs the recomputation next time
     if count > 1 and min_hamming(perms) < min_distance:
-        raise RecipeError(f"no set of {count} permutations with minimum Hamming distance {min_distance} found "
-                          f"(the greedy set reaches {min_hamming(perms)}); ask for fewer permutations")
+        raise RecipeError(
+            f"no set of {count} permutations with minimum Hamming distance {min_distance} found "
+            f"(the greedy set reaches {min_hamming(perms)}); ask for fewer permutations"
+        )
     perms.setflags(write=False)
     return perms
 
 
 def _valid(perms: np.ndarray | None, count: int) -> bool:
-    return (perms is not None and perms.shape == (count, CELLS) and perms.dtype == np.int64
-            and bool((np.sort(perms, axis=1) == np.arange(CELLS)).all())
-            and len(np.unique(perms, axis=0)) == count)
+    return (
+        perms is not None
+        and perms.shape == (count, CELLS)
+        and perms.dtype == np.int64
+        and bool((np.sort(perms, axis=1) == np.arange(CELLS)).all())
+        and len(np.unique(perms, axis=0)) == count
+    )

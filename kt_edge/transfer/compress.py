@@ -45,23 +45,34 @@ class CompressOptions(BaseModel):
     dim: int = Field(default=128, ge=8, description="2q: the student's linear projection size")
     momentum: float = Field(default=0.999, ge=0, lt=1, description="2q: EMA of the student that fills its bank")
     teacher_features: Literal["live", "cached"] = Field(
-        default="live", description="cached: un-augmented teacher features extracted once (kt-edge features)")
-    teacher_space: TeacherSpace = Field(default="backbone", description="the teacher's pooled backbone features "
-                                        "(backbone, as the official code) or its projection-head output (head)")
+        default="live", description="cached: un-augmented teacher features extracted once (kt-edge features)"
+    )
+    teacher_space: TeacherSpace = Field(
+        default="backbone",
+        description="the teacher's pooled backbone features "
+        "(backbone, as the official code) or its projection-head output (head)",
+    )
     student_head: Literal["linear", "none"] = Field(
-        default="linear", description="2q: a linear projection to dim on the student, or none (the official "
-        "setting: the student's raw features)")
+        default="linear",
+        description="2q: a linear projection to dim on the student, or none (the official "
+        "setting: the student's raw features)",
+    )
     augment: Literal["moco_v2", "crop_flip"] = Field(
-        default="moco_v2", description="training views: MoCo v2's, or random resized crop and flip (official)")
+        default="moco_v2", description="training views: MoCo v2's, or random resized crop and flip (official)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.variant == "1q" and self.student_head == "none":
-            raise ValueError("distill.options.student_head none needs variant 2q: 1q compares the student with "
-                             "the teacher's bank, so a linear layer must map it to the teacher's dimension")
+            raise ValueError(
+                "distill.options.student_head none needs variant 2q: 1q compares the student with "
+                "the teacher's bank, so a linear layer must map it to the teacher's dimension"
+            )
         if self.teacher_features == "cached" and self.teacher_space == "head":
-            raise ValueError("distill.options.teacher_features cached holds the teacher's backbone features; "
-                             "use teacher_space backbone, or teacher_features live")
+            raise ValueError(
+                "distill.options.teacher_features cached holds the teacher's backbone features; "
+                "use teacher_space backbone, or teacher_features live"
+            )
         return self
 
 
@@ -100,14 +111,16 @@ class Compress(nn.Module):
         t = F.normalize(teacher_embedding(self.teacher, images, targets, self.opts.teacher_features), dim=1)  # B x Dt
         s = F.normalize(self.head(self.backbone(images)).float(), dim=1)  # s: B x Ds (Dt for 1q)
         if self.opts.variant == "1q":
-            loss = compress_loss(s, t, self.teacher_bank.items, self.teacher_bank.items,
-                                 self.opts.tau_student, self.opts.tau_teacher)
+            loss = compress_loss(
+                s, t, self.teacher_bank.items, self.teacher_bank.items, self.opts.tau_student, self.opts.tau_teacher
+            )
             self._pending = (t, None)
         else:
             with torch.no_grad():
                 key = F.normalize(self.momentum_head(self.momentum_backbone(images)).float(), dim=1)
-            loss = compress_loss(s, t, self.student_bank.items, self.teacher_bank.items,
-                                 self.opts.tau_student, self.opts.tau_teacher)
+            loss = compress_loss(
+                s, t, self.student_bank.items, self.teacher_bank.items, self.opts.tau_student, self.opts.tau_teacher
+            )
             self._pending = (t, key)
         return {"loss": loss}
 
@@ -123,8 +136,14 @@ class Compress(nn.Module):
 
 
 @full_precision
-def compress_loss(student: torch.Tensor, teacher: torch.Tensor, student_bank: torch.Tensor,
-                  teacher_bank: torch.Tensor, tau_student: float, tau_teacher: float) -> torch.Tensor:
+def compress_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    student_bank: torch.Tensor,
+    teacher_bank: torch.Tensor,
+    tau_student: float,
+    tau_teacher: float,
+) -> torch.Tensor:
     """KL(teacher || student) of softmax similarities to the banks, batchmean (inputs L2-normalised).
 
     1q passes the teacher bank twice; 2q passes the momentum student's bank for the student.

@@ -27,15 +27,20 @@ class RegressOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hidden: int = Field(default=2048, ge=8)
     teacher_features: Literal["live", "cached"] = Field(
-        default="live", description="cached: un-augmented teacher features extracted once (kt-edge features)")
-    teacher_space: TeacherSpace = Field(default="backbone", description="regress the teacher's pooled backbone "
-                                        "features (backbone) or its projection-head output (head)")
+        default="live", description="cached: un-augmented teacher features extracted once (kt-edge features)"
+    )
+    teacher_space: TeacherSpace = Field(
+        default="backbone",
+        description="regress the teacher's pooled backbone features (backbone) or its projection-head output (head)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.teacher_features == "cached" and self.teacher_space == "head":
-            raise ValueError("distill.options.teacher_features cached holds the teacher's backbone features; "
-                             "use teacher_space backbone, or teacher_features live")
+            raise ValueError(
+                "distill.options.teacher_features cached holds the teacher's backbone features; "
+                "use teacher_space backbone, or teacher_features live"
+            )
         return self
 
 

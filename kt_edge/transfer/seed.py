@@ -32,8 +32,11 @@ class SeedOptions(BaseModel):
     tau_teacher: float = Field(default=1e-4, gt=0)
     hidden: int = Field(default=2048, ge=8)
     self_positive: bool = True
-    teacher_space: TeacherSpace = Field(default="head", description="distil the teacher's projection-head output "
-                                        "(head, as the official code) or its pooled backbone features (backbone)")
+    teacher_space: TeacherSpace = Field(
+        default="head",
+        description="distil the teacher's projection-head output "
+        "(head, as the official code) or its pooled backbone features (backbone)",
+    )
 
 
 class Seed(nn.Module):
@@ -59,8 +62,7 @@ class Seed(nn.Module):
         images, _ = batch  # B x 3 x S x S
         t = F.normalize(self.teacher(images), dim=1)  # t: B x D (the teacher's space)
         s = F.normalize(self.head(self.backbone(images)).float(), dim=1)  # s: B x D
-        loss = seed_loss(s, t, self.queue.items, self.opts.tau_student, self.opts.tau_teacher,
-                         self.opts.self_positive)
+        loss = seed_loss(s, t, self.queue.items, self.opts.tau_student, self.opts.tau_teacher, self.opts.self_positive)
         self._pending = t
         return {"loss": loss}
 
@@ -70,8 +72,14 @@ class Seed(nn.Module):
 
 
 @full_precision
-def seed_loss(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor, tau_student: float,
-              tau_teacher: float, self_positive: bool = True) -> torch.Tensor:
+def seed_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    queue: torch.Tensor,
+    tau_student: float,
+    tau_teacher: float,
+    self_positive: bool = True,
+) -> torch.Tensor:
     """Soft cross-entropy between teacher and student similarity distributions (inputs L2-normalised)."""
     logits_s = student @ queue.T  # B x K
     logits_t = teacher @ queue.T

@@ -21,8 +21,13 @@ def _write(path: Path, data) -> None:
 
 
 def _recipe(teacher=("resnet50", "moco"), distill="seed", student="resnet18") -> dict:
-    return {"name": "r", "seed": 0, "data": {"train": {"path": "x"}},
-            "teacher": {"arch": teacher[0], "method": teacher[1]}, "distill": {"student": student, "method": distill}}
+    return {
+        "name": "r",
+        "seed": 0,
+        "data": {"train": {"path": "x"}},
+        "teacher": {"arch": teacher[0], "method": teacher[1]},
+        "distill": {"student": student, "method": distill},
+    }
 
 
 def _parity(precision: str, noise: float, candidate_top1: float) -> dict:
@@ -31,14 +36,24 @@ def _parity(precision: str, noise: float, candidate_top1: float) -> dict:
     reference = rng.normal(size=(16, 8))
     golden = golden_parity(reference, reference + noise * rng.normal(size=reference.shape), precision)
     accuracy = accuracy_parity(80.0, candidate_top1)
-    return {"golden": golden.to_dict(), "accuracy": {**accuracy.to_dict(), "k": 200, "t": 0.1, "split": "test"},
-            "passed": golden.passed and accuracy.passed}
+    return {
+        "golden": golden.to_dict(),
+        "accuracy": {**accuracy.to_dict(), "k": 200, "t": 0.1, "split": "test"},
+        "passed": golden.passed and accuracy.passed,
+    }
 
 
 def _bench(precision: str, p50_ms: dict[int, float]) -> dict:
     results = [BenchResult(b, 10, ms, ms * 1.1, ms * 1.2, b / ms * 1e3).to_dict() for b, ms in p50_ms.items()]
-    return {"architecture": "resnet18", "backend": "tensorrt", "precision": precision, "model": "model.onnx",
-            "device": "Orin", "providers": None, "results": results}
+    return {
+        "architecture": "resnet18",
+        "backend": "tensorrt",
+        "precision": precision,
+        "model": "model.onnx",
+        "device": "Orin",
+        "providers": None,
+        "results": results,
+    }
 
 
 @pytest.fixture
@@ -47,11 +62,21 @@ def runs(tmp_path) -> list[Path]:
     _write(full / "recipe.yaml", _recipe())
     _write(full / "teacher" / "model.json", {"arch": "resnet50", "method": "imported"})
     _write(full / "student" / "model.json", {"arch": "resnet18", "method": "seed"})
-    _write(full / "eval" / "results.json", {
-        "random_init": {"knn_k200_t0.1": 30.0}, "student": {"knn_k200_t0.1": 80.0, "linear_top1": 82.5},
-        "teacher": {"knn_k200_t0.1": 90.0, "linear_top1": 91.0, "cluster_nmi": 0.61234, "n_test": 500}})
-    _write(full / "bundle" / "manifest.json", {"verified": False, "parity": {"results": {
-        "fp32": _parity("fp32", 0.0, 80.0), "int8": _parity("int8", 0.5, 76.0)}}})
+    _write(
+        full / "eval" / "results.json",
+        {
+            "random_init": {"knn_k200_t0.1": 30.0},
+            "student": {"knn_k200_t0.1": 80.0, "linear_top1": 82.5},
+            "teacher": {"knn_k200_t0.1": 90.0, "linear_top1": 91.0, "cluster_nmi": 0.61234, "n_test": 500},
+        },
+    )
+    _write(
+        full / "bundle" / "manifest.json",
+        {
+            "verified": False,
+            "parity": {"results": {"fp32": _parity("fp32", 0.0, 80.0), "int8": _parity("int8", 0.5, 76.0)}},
+        },
+    )
     _write(full / "bundle" / "bench-int8.json", _bench("int8", {1: 0.8, 8: 2.5}))
 
     teacher_only = tmp_path / "teacher-only"  # distillation never ran
@@ -70,8 +95,11 @@ def test_rows_side_by_side_with_blanks_for_missing_stages(runs):
     full, teacher_only, bare = rows
     # the checkpoints say what ran (an imported teacher), the recipe fills in stages that never ran
     assert (full["teacher"], full["distill"], full["student"]) == ("resnet50 imported", "seed", "resnet18")
-    assert (teacher_only["teacher"], teacher_only["distill"], teacher_only["student"]) == ("resnet18 moco", "compress",
-                                                                                           "alexnet")
+    assert (teacher_only["teacher"], teacher_only["distill"], teacher_only["student"]) == (
+        "resnet18 moco",
+        "compress",
+        "alexnet",
+    )
     assert bare == {"run": "bare", "teacher": "", "distill": "", "student": ""}
     assert full["student/linear_top1"] == 82.5 and full["teacher/n_test"] == 500.0
     assert full["parity_fp32"] == "PASS" and full["parity_int8"] == "FAIL"  # int8 lost 4 points of top-1

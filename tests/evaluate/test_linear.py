@@ -15,7 +15,6 @@ from kt_edge.evaluate.linear import (
     validation_split,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -42,8 +42,15 @@ def test_separable_features_score_perfectly_under_every_protocol():
     cfg = _cfg(protocols=["knn", "linear", "linear_10pct", "clusters"])
     result = run_protocols(x[:500], y[:500], x[500:], y[500:], cfg, map_points=50)
     assert set(result.metrics) == {
-        "knn_k20_t0.07", "knn_k1_t0.07", "linear_top1", "linear_top5", "linear_10pct_top1",
-        "linear_10pct_top5", "cluster_acc", "cluster_nmi", "cluster_ari",
+        "knn_k20_t0.07",
+        "knn_k1_t0.07",
+        "linear_top1",
+        "linear_top5",
+        "linear_10pct_top1",
+        "linear_10pct_top5",
+        "cluster_acc",
+        "cluster_nmi",
+        "cluster_ari",
     }
     for name in ("knn_k20_t0.07", "knn_k1_t0.07", "linear_top1", "linear_10pct_top1"):
         assert result.metrics[name] == 100.0, name
@@ -72,10 +79,20 @@ def test_random_features_score_near_chance():
 def test_predictions_are_those_of_the_first_knn_setting():
     rng = np.random.default_rng(2)
     x, y = _clusters(rng, 400, 4, 8, noise=6.0)  # overlapping: settings disagree
-    first_k1 = run_protocols(x[:300], y[:300], x[300:], y[300:], EvalConfig(knn=[{"k": 1, "t": 0.07}, {"k": 50, "t": 0.1}],
-                                                                               protocols=["knn"]))
-    first_k50 = run_protocols(x[:300], y[:300], x[300:], y[300:], EvalConfig(knn=[{"k": 50, "t": 0.1}, {"k": 1, "t": 0.07}],
-                                                                                protocols=["knn"]))
+    first_k1 = run_protocols(
+        x[:300],
+        y[:300],
+        x[300:],
+        y[300:],
+        EvalConfig(knn=[{"k": 1, "t": 0.07}, {"k": 50, "t": 0.1}], protocols=["knn"]),
+    )
+    first_k50 = run_protocols(
+        x[:300],
+        y[:300],
+        x[300:],
+        y[300:],
+        EvalConfig(knn=[{"k": 50, "t": 0.1}, {"k": 1, "t": 0.07}], protocols=["knn"]),
+    )
     assert first_k1.metrics == first_k50.metrics
     assert not np.array_equal(first_k1.knn_predictions, first_k50.knn_predictions)
     assert (first_k1.knn_predictions == y[300:]).mean() * 100 == pytest.approx(first_k1.metrics["knn_k1_t0.07"])
@@ -143,8 +160,12 @@ def test_input_problems_are_one_line_data_errors():
 
 def test_protocol_names_are_checked_in_recipes():
     check_protocols(["knn", "linear", "clusters", "linear_1pct", "linear_0.5pct", "linear_100pct"])
-    for bad, message in ((["svm"], "unknown eval protocol 'svm'"), (["linear_0pct"], "must be in \\(0, 100\\]"),
-                         (["linear_150pct"], "must be in"), (["knn", "knn"], "'knn' is listed twice")):
+    for bad, message in (
+        (["svm"], "unknown eval protocol 'svm'"),
+        (["linear_0pct"], "must be in \\(0, 100\\]"),
+        (["linear_150pct"], "must be in"),
+        (["knn", "knn"], "'knn' is listed twice"),
+    ):
         with pytest.raises(ValueError, match=message):
             check_protocols(bad)
 
@@ -188,18 +209,28 @@ def test_transfer_scores_another_labelled_dataset(tmp_path):
     train = _colour_folder(tmp_path / "train", COLOURS, 12, seed=0)
     test = _colour_folder(tmp_path / "test", COLOURS, 6, seed=1)
     assert evaluate_transfer(model, EvalConfig(), 16) == {}
-    cfg = EvalConfig(knn=[{"k": 5, "t": 0.07}], protocols=["knn", "linear", "clusters"],
-                     transfer={"train": DataSource(path=train), "test": DataSource(path=test)})
+    cfg = EvalConfig(
+        knn=[{"k": 5, "t": 0.07}],
+        protocols=["knn", "linear", "clusters"],
+        transfer={"train": DataSource(path=train), "test": DataSource(path=test)},
+    )
     metrics = evaluate_transfer(model, cfg, image_size=16, device="cpu")
-    assert set(metrics) == {"transfer_knn_k5_t0.07", "transfer_linear_top1", "transfer_linear_top5",
-                            "transfer_cluster_acc", "transfer_cluster_nmi", "transfer_cluster_ari"}
+    assert set(metrics) == {
+        "transfer_knn_k5_t0.07",
+        "transfer_linear_top1",
+        "transfer_linear_top5",
+        "transfer_cluster_acc",
+        "transfer_cluster_nmi",
+        "transfer_cluster_ari",
+    }
     # colours are told apart even by random convolutions
     assert metrics["transfer_knn_k5_t0.07"] == 100.0 and metrics["transfer_linear_top1"] == 100.0
     splits = transfer_splits(cfg, image_size=16)
     assert [len(split) for split in splits] == [36, 18] and transfer_splits(EvalConfig(), 16) is None
     assert evaluate_transfer(model, cfg, image_size=16, device="cpu", splits=splits) == metrics
 
-    cfg.transfer.test = DataSource(path=_colour_folder(tmp_path / "other", {"red": COLOURS["red"], "grey": (128,) * 3},
-                                                       2, seed=2))
+    cfg.transfer.test = DataSource(
+        path=_colour_folder(tmp_path / "other", {"red": COLOURS["red"], "grey": (128,) * 3}, 2, seed=2)
+    )
     with pytest.raises(DataError, match="classes differ between .*: class 0 is 'blue' vs 'grey'"):
         evaluate_transfer(model, cfg, image_size=16)

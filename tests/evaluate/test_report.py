@@ -35,26 +35,51 @@ def full_run(tmp_path_factory, one_thread) -> Path:
     if not SAMPLE.is_dir():
         pytest.skip(f"the shipped CIFAR-10 sample is missing at {SAMPLE}")
     train = {"epochs": 1, "max_steps": 2, "batch_size": 16, "log_every": 1}
-    recipe = recipe_from_dict({
-        "name": "tiny", "device": "cpu", "runs_dir": str(tmp_path_factory.mktemp("runs")),
-        "data": {"train": {"path": str(SAMPLE / "train"), "subset": BANK},
-                 "test": {"path": str(SAMPLE / "test"), "subset": TEST}, "image_size": 16, "workers": 0},
-        "teacher": {"arch": "alexnet", "method": "moco", "train": train, "options": {"queue": 64, "hidden": 64}},
-        "distill": {"student": "alexnet", "method": "seed", "train": train, "options": {"queue": 64, "hidden": 64}},
-        "eval": {"knn": [{"k": 20, "t": 0.07}], "protocols": ["knn", "clusters"]},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": "tiny",
+            "device": "cpu",
+            "runs_dir": str(tmp_path_factory.mktemp("runs")),
+            "data": {
+                "train": {"path": str(SAMPLE / "train"), "subset": BANK},
+                "test": {"path": str(SAMPLE / "test"), "subset": TEST},
+                "image_size": 16,
+                "workers": 0,
+            },
+            "teacher": {"arch": "alexnet", "method": "moco", "train": train, "options": {"queue": 64, "hidden": 64}},
+            "distill": {"student": "alexnet", "method": "seed", "train": train, "options": {"queue": 64, "hidden": 64}},
+            "eval": {"knn": [{"k": 20, "t": 0.07}], "protocols": ["knn", "clusters"]},
+        }
+    )
     train_teacher(recipe)
     distill(recipe)
     bank, test = labelled_splits(recipe)
-    results = {stage: evaluate_model(load_backbone(recipe.run_dir / stage)[0], bank, test, recipe.eval, device="cpu")
-               for stage in ("teacher", "student")}
+    results = {
+        stage: evaluate_model(load_backbone(recipe.run_dir / stage)[0], bank, test, recipe.eval, device="cpu")
+        for stage in ("teacher", "student")
+    }
     atomic.write_json(recipe.run_dir / "eval" / "results.json", results)
     export(recipe)
     from kt_edge_runtime.cli import main as runtime_cli
 
     bundle = recipe.run_dir / "bundle"
-    assert runtime_cli(["bench", str(bundle), "--batch-sizes", "1,4", "--iters", "3", "--warmup", "1",
-                        "--json", str(bundle / "bench-fp32.json")]) == 0
+    assert (
+        runtime_cli(
+            [
+                "bench",
+                str(bundle),
+                "--batch-sizes",
+                "1,4",
+                "--iters",
+                "3",
+                "--warmup",
+                "1",
+                "--json",
+                str(bundle / "bench-fp32.json"),
+            ]
+        )
+        == 0
+    )
     return recipe.run_dir
 
 
@@ -109,13 +134,22 @@ def _copy(run_dir: Path, dest: Path, keep: tuple[str, ...]) -> Path:
 
 
 def test_full_run_renders_every_section_with_inline_images(full_run, tmp_path):
-    run_dir = _copy(full_run, tmp_path / "tiny", ("recipe.yaml", "metrics.jsonl", "teacher", "student", "eval", "bundle"))
+    run_dir = _copy(
+        full_run, tmp_path / "tiny", ("recipe.yaml", "metrics.jsonl", "teacher", "student", "eval", "bundle")
+    )
     html_path, md_path = write_report(run_dir, map_points=40, max_bank=BANK, max_test=TEST)
     assert (html_path, md_path) == (run_dir / "report.html", run_dir / "report.md")
     page = Page(html_path.read_text())
     assert tuple(page.images) == SECTIONS and page.missing == {} and page.external == []
     assert {k: len(v) for k, v in page.images.items()} == {
-        "summary": 0, "training": 1, "evaluation": 0, "map": 1, "per-class": 2, "export": 0, "latency": 0}
+        "summary": 0,
+        "training": 1,
+        "evaluation": 0,
+        "map": 1,
+        "per-class": 2,
+        "export": 0,
+        "latency": 0,
+    }
     assert _png_count(page) == 4
 
     md = md_path.read_text()
@@ -166,10 +200,13 @@ def test_missing_data_is_reported(full_run, tmp_path):
 
 def test_curves_keep_the_latest_run_of_each_stage(tmp_path):
     lines = [
-        {"stage": "teacher", "step": 1, "loss": 9.0}, {"stage": "teacher", "step": 2, "loss": 8.0},
+        {"stage": "teacher", "step": 1, "loss": 9.0},
+        {"stage": "teacher", "step": 2, "loss": 8.0},
         {"stage": "teacher", "step": 1, "loss": 7.0},  # the stage was run again from scratch
-        {"stage": "teacher", "step": 2, "loss": 6.0}, {"stage": "teacher", "step": 3, "loss": 5.0},
-        {"stage": "distill", "step": 1, "loss": 4.0}, {"stage": "distill", "step": 2, "loss": 3.0},
+        {"stage": "teacher", "step": 2, "loss": 6.0},
+        {"stage": "teacher", "step": 3, "loss": 5.0},
+        {"stage": "distill", "step": 1, "loss": 4.0},
+        {"stage": "distill", "step": 2, "loss": 3.0},
         {"stage": "teacher", "step": 3, "loss": 4.5},  # resumed: step 3 logged again
     ]
     path = tmp_path / "metrics.jsonl"

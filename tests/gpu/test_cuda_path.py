@@ -5,6 +5,7 @@ channels-last, the frozen teacher in bf16) agree with their CPU counterparts."""
 import numpy as np
 import pytest
 import torch
+from test_method_conformance import METHODS, _batch, _build, _to
 
 from kt_edge.data.gpu_augment import BatchAugment
 from kt_edge.kmeans import fit_kmeans
@@ -12,10 +13,11 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.models.split_batchnorm import use_split_batchnorm
 from kt_edge.teachers import TEACHERS
-from test_method_conformance import METHODS, _batch, _build, _to
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)"),
+]
 CUDA = torch.device("cuda")
 
 
@@ -50,7 +52,7 @@ def test_batched_augmentation_on_the_gpu_equals_the_cpu(method, size):
 
 def test_torch_kmeans_on_the_gpu_equals_it_on_the_cpu():
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal((4000, 64)) + np.repeat(rng.standard_normal((16, 64)) * 4, 250, axis=0))
+    x = rng.standard_normal((4000, 64)) + np.repeat(rng.standard_normal((16, 64)) * 4, 250, axis=0)
     x = x.astype(np.float32)
     gpu = fit_kmeans(x, 16, niter=10, seed=0, engine_name="torch")
     cpu_visible = torch.cuda.is_available

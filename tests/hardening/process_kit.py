@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from sample_kit import REPO
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread each runs fastest
@@ -18,8 +17,14 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread ea
 
 def kt_edge(*args, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
     """``kt-edge ARGS`` in the background (after ``prefix``: ``timeout``, ``setpriv``, ...)."""
-    return subprocess.Popen([*prefix, sys.executable, "-m", "kt_edge", *map(str, args)], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", "kt_edge", *map(str, args)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def under_timeout(*args) -> subprocess.Popen:
@@ -71,8 +76,11 @@ def wait_until(condition, what: str, proc: subprocess.Popen | None = None, timeo
 
 def error_lines(stderr: str) -> list[str]:
     """What a user reads as errors: 'error:' lines, tracebacks and Python's 'Exception ignored' noise."""
-    return [line for line in stderr.splitlines()
-            if line.startswith(("error:", "Traceback", "Exception ignored")) or "Error" in line.split(":")[0]]
+    return [
+        line
+        for line in stderr.splitlines()
+        if line.startswith(("error:", "Traceback", "Exception ignored")) or "Error" in line.split(":")[0]
+    ]
 
 
 def without_dac_override() -> tuple[str, ...]:
@@ -90,14 +98,18 @@ def on_tmpfs(folder: Path, size: str, *args) -> tuple[int, str, list[str]]:
     them (the mount ends with the command)."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare to mount a private tmpfs")
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {folder}"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {folder}"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a private tmpfs here: {probe.stderr.strip()}")
     command = " ".join(f"'{a}'" for a in (sys.executable, "-m", "kt_edge", *map(str, args)))
-    script = (f"mount -t tmpfs -o size={size} tmpfs '{folder}' && {command}; code=$?; "
-              f"echo '--- files'; find '{folder}' -type f | sort; exit $code")
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs '{folder}' && {command}; code=$?; "
+        f"echo '--- files'; find '{folder}' -type f | sort; exit $code"
+    )
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     files = done.stdout.split("--- files\n", 1)[-1].split()
     return done.returncode, done.stderr, [str(Path(f).relative_to(folder)) for f in files]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from sample_kit import tiny_recipe_dict
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
@@ -14,16 +15,18 @@ from kt_edge.data.sources import open_images
 from kt_edge.errors import DataError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.frozen import FrozenTeacher
-from kt_edge.stages.inputs import labelled_splits
 from kt_edge.recipe import recipe_from_dict
+from kt_edge.stages.inputs import labelled_splits
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
 
-from sample_kit import tiny_recipe_dict
-
-QUEUES = [(section, name, key) for section, registry in (("teacher", TEACHERS), ("distill", DISTILLERS))
-          for name, method in sorted(registry.items()) for key in ("queue", "bank")
-          if key in method.Options.model_fields]
+QUEUES = [
+    (section, name, key)
+    for section, registry in (("teacher", TEACHERS), ("distill", DISTILLERS))
+    for name, method in sorted(registry.items())
+    for key in ("queue", "bank")
+    if key in method.Options.model_fields
+]
 
 
 def cli(tmp_path, command: str, **sections):
@@ -67,22 +70,26 @@ def test_folder_of_only_unreadable_files(tmp_path):
     folder.mkdir()
     for i in range(3):
         (folder / f"{i}.jpg").write_bytes(b"not a jpeg")
-    with pytest.warns(UserWarning, match=r"skipped 3 unreadable"), \
-            pytest.raises(DataError, match=r"none of its 3 file\(s\) is a readable image"):
+    with pytest.warns(UserWarning, match=r"skipped 3 unreadable"), pytest.raises(
+        DataError, match=r"none of its 3 file\(s\) is a readable image"
+    ):
         open_images(folder)
 
 
 def test_dataset_smaller_than_the_batch(tmp_path):
-    result = cli(tmp_path, "train-teacher", teacher={"train": {"max_steps": 3, "batch_size": 512},
-                                                           "method": "rotation", "options": {}})
-    assert_refused_up_front(result, tmp_path, "256 images is fewer than one batch of 512; lower "
-                                              "teacher.train.batch_size")
+    result = cli(
+        tmp_path,
+        "train-teacher",
+        teacher={"train": {"max_steps": 3, "batch_size": 512}, "method": "rotation", "options": {}},
+    )
+    assert_refused_up_front(
+        result, tmp_path, "256 images is fewer than one batch of 512; lower teacher.train.batch_size"
+    )
 
 
 def test_queue_as_large_as_the_dataset_through_the_cli(tmp_path):
     result = cli(tmp_path, "train-teacher", teacher={"options": {"queue": 256, "hidden": 64, "dim": 32}})
-    assert_refused_up_front(result, tmp_path, "teacher.options.queue 256 is not smaller than the 256 training "
-                                              "images")
+    assert_refused_up_front(result, tmp_path, "teacher.options.queue 256 is not smaller than the 256 training images")
 
 
 @pytest.mark.parametrize("section, name, key", QUEUES)
@@ -91,8 +98,11 @@ def test_every_queue_and_memory_bank_must_be_smaller_than_the_dataset(section, n
     torch.manual_seed(0)
     net = build_backbone("alexnet", 32)
     method = (TEACHERS if section == "teacher" else DISTILLERS)[name]
-    with pytest.raises(DataError, match=rf"{section}.options.{key} {size} is not smaller than the 64 training "
-                                        rf"images.*set {section}.options.{key} below 64"):
+    with pytest.raises(
+        DataError,
+        match=rf"{section}.options.{key} {size} is not smaller than the 64 training "
+        rf"images.*set {section}.options.{key} below 64",
+    ):
         if section == "teacher":
             method(net, {key: size}, n_images=64)
         else:
@@ -108,8 +118,11 @@ def test_labelled_split_with_other_classes_than_the_train_split(tmp_path):
     test = image_tree(tmp_path / "test", ["cat", "dog", "owl"])
     data = {"train": {"path": str(train)}, "test": {"path": str(test)}, "image_size": 32, "workers": 0}
     recipe = recipe_from_dict(tiny_recipe_dict(tmp_path / "runs", data=data))
-    with pytest.raises(DataError, match=r"classes differ .*\(3\) and .*\(3\): only in the first \[fox\], "
-                                        r"only in the second \[owl\]"):
+    with pytest.raises(
+        DataError,
+        match=r"classes differ .*\(3\) and .*\(3\): only in the first \[fox\], "
+        r"only in the second \[owl\]",
+    ):
         labelled_splits(recipe)
     result = cli(tmp_path, "eval", data=data)
     assert result.exit_code == 2 and "classes differ" in result.output, result.output

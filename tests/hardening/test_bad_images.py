@@ -70,8 +70,11 @@ def test_huge_image_over_the_decompression_bomb_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)
     # 50x50 lies between the limit and twice the limit, where PIL itself only warns: refused all the same
     folder = folder_with(tmp_path, **{"huge.png": _noise((50, 50)), "huger.png": _noise((80, 80))})
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable file\(s\) of 6: huge.png \(too large .*"
-                                         r"MAX_IMAGE_PIXELS.*\), huger.png \(too large"):
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 2 unreadable file\(s\) of 6: huge.png \(too large .*"
+        r"MAX_IMAGE_PIXELS.*\), huger.png \(too large",
+    ):
         images = open_images(folder)
     assert len(images) == 4
     with pytest.raises(DataError, match="huge.png: too large.*strict mode"):
@@ -81,8 +84,7 @@ def test_huge_image_over_the_decompression_bomb_limit(tmp_path, monkeypatch):
 
 
 def test_cmyk_jpeg(tmp_path):
-    pixels = assert_decoded(folder_with(tmp_path, **{"cmyk.jpg": Image.new("CMYK", (8, 8), (0, 0, 0, 0))}),
-                            "cmyk.jpg")
+    pixels = assert_decoded(folder_with(tmp_path, **{"cmyk.jpg": Image.new("CMYK", (8, 8), (0, 0, 0, 0))}), "cmyk.jpg")
     assert pixels.min() >= 250  # no ink is white
 
 
@@ -90,7 +92,11 @@ def test_16_bit_png(tmp_path):
     deep = np.full((8, 8), 65535, np.uint16)
     deep[0, 0], deep[0, 1] = 0, 32768
     pixels = assert_decoded(folder_with(tmp_path, **{"deep.png": Image.fromarray(deep)}), "deep.png")
-    assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[0, 1].tolist() == [128, 128, 128]  # 32768 / 257 = 127.5, rounded
+    assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[0, 1].tolist() == [
+        128,
+        128,
+        128,
+    ]  # 32768 / 257 = 127.5, rounded
     assert pixels[1, 1].tolist() == [255, 255, 255]  # scaled, not clipped to white from 256 up
 
 
@@ -124,10 +130,19 @@ def test_a_mixed_folder_goes_through_a_whole_training_epoch(tmp_path):
     jpeg = tmp_path / "full.jpg"
     _noise((64, 64)).save(jpeg)
     transparent = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    folder = folder_with(tmp_path, **{
-        "cut.jpg": jpeg.read_bytes()[:300], "empty.png": b"", "notes.txt": b"text",
-        "cmyk.jpg": Image.new("CMYK", (20, 12)), "deep.png": Image.fromarray(np.full((9, 9), 4000, np.uint16)),
-        "gray.png": Image.new("L", (5, 40)), "palette.gif": Image.new("P", (7, 7)), "alpha.png": transparent})
+    folder = folder_with(
+        tmp_path,
+        **{
+            "cut.jpg": jpeg.read_bytes()[:300],
+            "empty.png": b"",
+            "notes.txt": b"text",
+            "cmyk.jpg": Image.new("CMYK", (20, 12)),
+            "deep.png": Image.fromarray(np.full((9, 9), 4000, np.uint16)),
+            "gray.png": Image.new("L", (5, 40)),
+            "palette.gif": Image.new("P", (7, 7)),
+            "alpha.png": transparent,
+        },
+    )
     with pytest.warns(UserWarning, match=r"skipped 3 unreadable file\(s\) of 12") as caught:
         images = open_images(folder)
     assert len([w for w in caught if "skipped" in str(w.message)]) == 1
@@ -153,14 +168,24 @@ def _messy_tree(root: Path) -> Path:
 def _train_on(tmp_path, tree: Path):
     """One training step of a small teacher on ``tree``, in a process that file permissions bind."""
     import yaml
-
     from process_kit import kt_edge, without_dac_override
     from sample_kit import tiny_recipe_dict
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", data={"train": {"path": str(tree)}}, teacher={
-        "arch": "alexnet", "method": "moco", "options": {"queue": 8, "hidden": 16, "dim": 8},
-        "train": {"epochs": 1, "max_steps": 1, "batch_size": 8, "checkpoint_every": 1}})))
+    recipe.write_text(
+        yaml.safe_dump(
+            tiny_recipe_dict(
+                tmp_path / "runs",
+                data={"train": {"path": str(tree)}},
+                teacher={
+                    "arch": "alexnet",
+                    "method": "moco",
+                    "options": {"queue": 8, "hidden": 16, "dim": 8},
+                    "train": {"epochs": 1, "max_steps": 1, "batch_size": 8, "checkpoint_every": 1},
+                },
+            )
+        )
+    )
     return kt_edge("train-teacher", recipe, prefix=without_dac_override())
 
 
@@ -174,9 +199,11 @@ def test_unreadable_folders_and_broken_links_are_skipped_and_counted_in_one_warn
         (tree / "locked").chmod(0o755)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert warnings == [f"warning: {tree}: skipped 2 unreadable file(s) of 12 and 1 unreadable folder(s): locked "
-                        "(folder not readable: Permission denied), gone.png (dangling symlink), loop.png (symlink "
-                        "loop)"], err
+    assert warnings == [
+        f"warning: {tree}: skipped 2 unreadable file(s) of 12 and 1 unreadable folder(s): locked "
+        "(folder not readable: Permission denied), gone.png (dangling symlink), loop.png (symlink "
+        "loop)"
+    ], err
     assert not error_lines(err)
     assert (tmp_path / "runs" / "tiny" / "teacher" / "model.json").is_file()
 

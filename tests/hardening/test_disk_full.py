@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sample_kit import SAMPLE
 
 from kt_edge import atomic
 from kt_edge.data.augment import eval_transform
@@ -21,8 +22,6 @@ from kt_edge.models import checkpoint
 from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import ExportConfig, TrainConfig
 from kt_edge.teachers.moco import MoCo
-
-from sample_kit import SAMPLE
 
 
 def disk_full(*_args, **_kwargs):
@@ -148,11 +147,13 @@ def test_bundle_manifest(tmp_path, monkeypatch):
     (tmp_path / "model.fp32.onnx").write_bytes(b"model")
     np.save(tmp_path / "golden" / "inputs.npy", np.zeros((1, 3, 8, 8), np.float32))
     np.save(tmp_path / "golden" / "outputs.npy", np.zeros((1, 4), np.float32))
-    manifest = Manifest(architecture="alexnet",
-                        input=InputSpec(shape=(3, 8, 8), resize=8, crop=8, mean=(0.5,) * 3, std=(0.5,) * 3),
-                        output=OutputSpec(name="embedding", dim=4, normalized=False),
-                        models={"fp32": ModelEntry("model.fp32.onnx", "images", "embedding")},
-                        golden=Golden("golden/inputs.npy", "golden/outputs.npy"))
+    manifest = Manifest(
+        architecture="alexnet",
+        input=InputSpec(shape=(3, 8, 8), resize=8, crop=8, mean=(0.5,) * 3, std=(0.5,) * 3),
+        output=OutputSpec(name="embedding", dim=4, normalized=False),
+        models={"fp32": ModelEntry("model.fp32.onnx", "images", "embedding")},
+        golden=Golden("golden/inputs.npy", "golden/outputs.npy"),
+    )
     before = files_in(tmp_path)
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
@@ -164,13 +165,14 @@ def test_bundle_manifest(tmp_path, monkeypatch):
 # torch.save reports a full disk as "RuntimeError: ... unexpected pos" and safetensors as "SafetensorError ...
 # (os error 28)": both must still be told as the full disk they are, in one line.
 
-DISK_FULL = ("error: out of disk space (No space left on device); nothing partial was kept: free space and run "
-             "the same command again (with --resume for training)")
+DISK_FULL = (
+    "error: out of disk space (No space left on device); nothing partial was kept: free space and run "
+    "the same command again (with --resume for training)"
+)
 
 
 def _recipe_on(tmp_path: Path, **sections) -> tuple[Path, Path]:
     import yaml
-
     from sample_kit import tiny_recipe_dict
 
     runs = tmp_path / "runs"
@@ -183,8 +185,14 @@ def _recipe_on(tmp_path: Path, **sections) -> tuple[Path, Path]:
 def test_a_full_tmpfs_during_the_resume_point_is_one_line(tmp_path):
     from process_kit import error_lines, on_tmpfs
 
-    recipe, runs = _recipe_on(tmp_path, teacher={"arch": "alexnet", "options": {"queue": 32, "hidden": 32, "dim": 16},
-                                                 "train": {"max_steps": 2, "batch_size": 16, "checkpoint_every": 1}})
+    recipe, runs = _recipe_on(
+        tmp_path,
+        teacher={
+            "arch": "alexnet",
+            "options": {"queue": 32, "hidden": 32, "dim": 16},
+            "train": {"max_steps": 2, "batch_size": 16, "checkpoint_every": 1},
+        },
+    )
     code, err, files = on_tmpfs(runs, "1m", "train-teacher", recipe)
     assert code == 1, err
     assert error_lines(err) == [DISK_FULL], err
@@ -205,6 +213,7 @@ def test_a_full_tmpfs_during_model_safetensors_is_one_line(tmp_path):
 
 # The same two writers with the disk patched, where no tmpfs can be mounted.
 
+
 class _AlmostFullDisk(io.FileIO):
     """A file on a disk with 100 bytes free."""
 
@@ -217,8 +226,7 @@ class _AlmostFullDisk(io.FileIO):
 
 
 def test_torch_save_into_a_full_file_raises_the_os_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(atomic, "open", lambda path, mode: _AlmostFullDisk(path, mode.replace("b", "")),
-                        raising=False)
+    monkeypatch.setattr(atomic, "open", lambda path, mode: _AlmostFullDisk(path, mode.replace("b", "")), raising=False)
     with pytest.raises(OSError, match="No space left") as caught:  # not torch's "unexpected pos"
         with atomic.atomic_file(tmp_path / RESUME) as handle:
             torch.save({"w": torch.zeros(1000)}, handle)

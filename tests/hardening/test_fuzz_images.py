@@ -41,7 +41,7 @@ def damaged(draw):
         elif kind == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         elif kind == "zero":
-            data[at:at + draw(st.integers(1, 64))] = bytes(min(64, len(data) - at))
+            data[at : at + draw(st.integers(1, 64))] = bytes(min(64, len(data) - at))
     return fmt, bytes(data)
 
 

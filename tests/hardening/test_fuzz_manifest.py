@@ -9,12 +9,25 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kt_edge_runtime.bundle import (MANIFEST_NAME, SCHEMA_VERSION, BundleError, Golden, InputSpec, Manifest,
-                                    ModelEntry, OutputSpec, Parity, _digest, load_bundle, write_manifest)
+from kt_edge_runtime.bundle import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    BundleError,
+    Golden,
+    InputSpec,
+    Manifest,
+    ModelEntry,
+    OutputSpec,
+    Parity,
+    _digest,
+    load_bundle,
+    write_manifest,
+)
 from kt_edge_runtime.parity import DEFAULT_THRESHOLDS
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                        HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 VALID = Manifest(
     architecture="alexnet",
@@ -27,11 +40,37 @@ VALID = Manifest(
     verified=True,
 )
 
-scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10)
-           | st.sampled_from(["fp32", "fp16", "int8", "model.fp32.onnx", "../x", "/etc/passwd", "a\x00b", "a//b",
-                              "0" * 64, "NCHW", "float32", SCHEMA_VERSION, SCHEMA_VERSION + 1, 0, -1]))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=10)
+    | st.sampled_from(
+        [
+            "fp32",
+            "fp16",
+            "int8",
+            "model.fp32.onnx",
+            "../x",
+            "/etc/passwd",
+            "a\x00b",
+            "a//b",
+            "0" * 64,
+            "NCHW",
+            "float32",
+            SCHEMA_VERSION,
+            SCHEMA_VERSION + 1,
+            0,
+            -1,
+        ]
+    )
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 def _paths(node, prefix=()):
@@ -99,8 +138,14 @@ def bundle_dir(tmp_path):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(VALID_PATHS + [("files",), ("digest",)]), json_values, st.booleans()),
-                min_size=1, max_size=3), st.booleans())
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(VALID_PATHS + [("files",), ("digest",)]), json_values, st.booleans()),
+        min_size=1,
+        max_size=3,
+    ),
+    st.booleans(),
+)
 def test_load_bundle_on_mutated_and_rehashed_manifest(bundle_dir, mutations, rehash):
     """Rehashing gets past the digest check, so the schema and file checks behind it are fuzzed too."""
     data = json.loads((bundle_dir / MANIFEST_NAME).read_text())
@@ -120,8 +165,11 @@ def test_load_bundle_on_mutated_and_rehashed_manifest(bundle_dir, mutations, reh
 
 
 @FUZZ
-@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode)
-       | st.sampled_from([b"{}", b"null", b"1e999", b'{"schema_version": NaN}', b"\xef\xbb\xbf{}"]))
+@given(
+    st.binary(max_size=300)
+    | st.text(max_size=300).map(str.encode)
+    | st.sampled_from([b"{}", b"null", b"1e999", b'{"schema_version": NaN}', b"\xef\xbb\xbf{}"])
+)
 def test_load_bundle_on_arbitrary_bytes(bundle_dir, blob):
     (bundle_dir / MANIFEST_NAME).write_bytes(blob)
     _manifest_or_bundle_error(lambda: load_bundle(bundle_dir))

@@ -7,32 +7,75 @@ import copy
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from sample_kit import tiny_recipe_dict
 
 from kt_edge.errors import RecipeError
 from kt_edge.recipe import Recipe, load_recipe, recipe_from_dict
 
-from sample_kit import tiny_recipe_dict
-
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                        HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 BASE = tiny_recipe_dict("runs")
-KEYS = ["name", "seed", "device", "runs_dir", "data", "data.train", "data.train.path", "data.train.subset",
-        "data.train.format", "data.test", "data.image_size", "data.workers", "teacher", "teacher.arch",
-        "teacher.method", "teacher.checkpoint", "teacher.options", "teacher.options.queue", "teacher.train",
-        "teacher.train.batch_size", "teacher.train.lr", "teacher.train.max_steps", "distill.method",
-        "distill.options", "distill.options.queue", "distill.student", "distill.train.epochs", "eval",
-        "eval.knn", "eval.protocols", "eval.transfer", "export.precisions", "export.golden", "cluster",
-        "cluster.k", "nonsense", "data.train.path.deeper"]
+KEYS = [
+    "name",
+    "seed",
+    "device",
+    "runs_dir",
+    "data",
+    "data.train",
+    "data.train.path",
+    "data.train.subset",
+    "data.train.format",
+    "data.test",
+    "data.image_size",
+    "data.workers",
+    "teacher",
+    "teacher.arch",
+    "teacher.method",
+    "teacher.checkpoint",
+    "teacher.options",
+    "teacher.options.queue",
+    "teacher.train",
+    "teacher.train.batch_size",
+    "teacher.train.lr",
+    "teacher.train.max_steps",
+    "distill.method",
+    "distill.options",
+    "distill.options.queue",
+    "distill.student",
+    "distill.train.epochs",
+    "eval",
+    "eval.knn",
+    "eval.protocols",
+    "eval.transfer",
+    "export.precisions",
+    "export.golden",
+    "cluster",
+    "cluster.k",
+    "nonsense",
+    "data.train.path.deeper",
+]
 
-scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-           | st.sampled_from(["moco", "seed", "compress", "alexnet", "fp16", "knn", "cpu", "", "1e-4", "-1"]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4), max_leaves=10)
-override_text = (st.text(max_size=40)
-                 | st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS),
-                             st.text(max_size=20) | st.sampled_from(["2001-13-01", "[" * 500, "{a: [", "!!binary x",
-                                                                     "&a [*a]", "null", "1e999", "0x10", "~"])))
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["moco", "seed", "compress", "alexnet", "fp16", "knn", "cpu", "", "1e-4", "-1"])
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4),
+    max_leaves=10,
+)
+override_text = st.text(max_size=40) | st.builds(
+    lambda k, v: f"{k}={v}",
+    st.sampled_from(KEYS),
+    st.text(max_size=20)
+    | st.sampled_from(["2001-13-01", "[" * 500, "{a: [", "!!binary x", "&a [*a]", "null", "1e999", "0x10", "~"]),
+)
 
 
 def _assert_recipe_or_recipe_error(call):
@@ -75,8 +118,12 @@ def test_arbitrary_data(data, overrides):
 
 
 @FUZZ
-@given(st.text(max_size=200) | st.sampled_from(["seed: 2001-13-01", "[" * 500, "a: &x [*x]", "- 1\n- 2",
-                                                "!!python/object/apply:os.system ['true']"]))
+@given(
+    st.text(max_size=200)
+    | st.sampled_from(
+        ["seed: 2001-13-01", "[" * 500, "a: &x [*x]", "- 1\n- 2", "!!python/object/apply:os.system ['true']"]
+    )
+)
 def test_arbitrary_yaml_text(tmp_path, text):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)

@@ -22,22 +22,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from process_kit import alive, children, error_lines, under_timeout, wait_until
 from safetensors.torch import load_file
+from sample_kit import REPO, SAMPLE, tiny_recipe_dict
 
 from kt_edge.evaluate.report import read_curves
 
-from process_kit import alive, children, error_lines, under_timeout, wait_until
-from sample_kit import REPO, SAMPLE, tiny_recipe_dict
-
 STEPS = 8
-TEACHER = {"arch": "alexnet", "method": "moco",
-           "train": {"epochs": 1, "max_steps": STEPS, "batch_size": 16, "lr": 0.05, "checkpoint_every": 2, "log_every": 1},
-           "options": {"queue": 32, "hidden": 32, "dim": 16, "momentum": 0.99}}
+TEACHER = {
+    "arch": "alexnet",
+    "method": "moco",
+    "train": {"epochs": 1, "max_steps": STEPS, "batch_size": 16, "lr": 0.05, "checkpoint_every": 2, "log_every": 1},
+    "options": {"queue": 32, "hidden": 32, "dim": 16, "momentum": 0.99},
+}
 
 
 def write_recipe(root: Path) -> Path:
-    data = tiny_recipe_dict(root / "runs", teacher=TEACHER, data={"train": {"path": str(SAMPLE / "train"),
-                                                                            "subset": 192}})
+    data = tiny_recipe_dict(
+        root / "runs", teacher=TEACHER, data={"train": {"path": str(SAMPLE / "train"), "subset": 192}}
+    )
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -45,8 +48,14 @@ def write_recipe(root: Path) -> Path:
 
 def start(recipe: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread each runs fastest
-    return subprocess.Popen([sys.executable, "-m", "kt_edge", "train-teacher", str(recipe), *extra], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kt_edge", "train-teacher", str(recipe), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def logged_steps(run_dir: Path) -> dict[int, dict]:
@@ -152,11 +161,12 @@ def test_sigterm_writes_a_resume_point_and_exits_130_saying_how_to_resume(tmp_pa
     assert_same_as_reference(run_dir, _reference_dir(reference))
 
 
-def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_training_again(tmp_path, monkeypatch,
-                                                                                        one_thread):
+def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_training_again(
+    tmp_path, monkeypatch, one_thread
+):
     """The one moment a resume point is complete but the stage is not: --resume only writes the checkpoint."""
-    from kt_edge.stages import teacher
     from kt_edge.recipe import load_recipe
+    from kt_edge.stages import teacher
 
     class Killed(BaseException):
         pass
@@ -194,7 +204,8 @@ def _workers_of(scheduled: subprocess.Popen, run_dir: Path, step: int) -> tuple[
 
 
 def test_sigterm_to_the_process_group_with_workers_stops_in_one_line_and_resumes_to_the_same_result(
-        tmp_path, reference):
+    tmp_path, reference
+):
     recipe, run_dir = write_recipe(tmp_path), tmp_path / "runs" / "tiny"
     scheduled = under_timeout("train-teacher", recipe, "-s", "data.workers=2")
     _, workers = _workers_of(scheduled, run_dir, 3)
@@ -208,8 +219,9 @@ def test_sigterm_to_the_process_group_with_workers_stops_in_one_line_and_resumes
     assert code == 130, err
     stopped = resume_step(run_dir)
     assert 3 <= stopped < STEPS and max(logged_steps(run_dir)) == stopped
-    assert error_lines(err) == [f"error: teacher: stopped by SIGTERM at step {stopped}/{STEPS}; run the same "
-                                "command with --resume to continue"]
+    assert error_lines(err) == [
+        f"error: teacher: stopped by SIGTERM at step {stopped}/{STEPS}; run the same command with --resume to continue"
+    ]
     assert not any(alive(worker) for worker in workers)
 
     with open(run_dir / "metrics.jsonl", "a") as log:

@@ -13,32 +13,44 @@ import subprocess
 
 import pytest
 import yaml
+from process_kit import error_lines, finish, kt_edge, wait_until
+from sample_kit import SAMPLE, tiny_recipe_dict
 
 from kt_edge import run_lock
 from kt_edge.errors import RunDirBusy
 
-from process_kit import error_lines, finish, kt_edge, wait_until
-from sample_kit import SAMPLE, tiny_recipe_dict
-
-TEACHER = {"arch": "alexnet", "method": "moco", "options": {"queue": 32, "hidden": 32, "dim": 16},
-           "train": {"epochs": 500, "max_steps": 1000, "batch_size": 16, "lr": 0.05, "checkpoint_every": 1000,
-                     "log_every": 1}}
+TEACHER = {
+    "arch": "alexnet",
+    "method": "moco",
+    "options": {"queue": 32, "hidden": 32, "dim": 16},
+    "train": {"epochs": 500, "max_steps": 1000, "batch_size": 16, "lr": 0.05, "checkpoint_every": 1000, "log_every": 1},
+}
 
 
 def test_a_second_command_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(tmp_path):
     recipe, run_dir = tmp_path / "recipe.yaml", tmp_path / "runs" / "tiny"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(
-        tmp_path / "runs", teacher=TEACHER, data={"train": {"path": str(SAMPLE / "train"), "subset": 64}})))
+    recipe.write_text(
+        yaml.safe_dump(
+            tiny_recipe_dict(
+                tmp_path / "runs", teacher=TEACHER, data={"train": {"path": str(SAMPLE / "train"), "subset": 64}}
+            )
+        )
+    )
     first = kt_edge("train-teacher", recipe)
     try:
-        wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size,
-                   "the first step", first)
+        wait_until(
+            lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size,
+            "the first step",
+            first,
+        )
         code, err = finish(kt_edge("eval", recipe))
         assert code == 1, err
-        assert error_lines(err) == [f"error: {run_dir} is in use by `kt-edge train-teacher` (PID {first.pid} on "
-                                    f"host {socket.gethostname()}, since {json.loads((run_dir / '.lock').read_text())['since']}): "
-                                    "one command at a time per run directory; wait for it to end or stop it, or "
-                                    "give this run another name"]
+        assert error_lines(err) == [
+            f"error: {run_dir} is in use by `kt-edge train-teacher` (PID {first.pid} on "
+            f"host {socket.gethostname()}, since {json.loads((run_dir / '.lock').read_text())['since']}): "
+            "one command at a time per run directory; wait for it to end or stop it, or "
+            "give this run another name"
+        ]
         assert first.poll() is None, "the refused command disturbed the first"
         logged = (run_dir / "metrics.jsonl").read_text()
         first.send_signal(signal.SIGKILL)
@@ -50,8 +62,10 @@ def test_a_second_command_is_refused_naming_the_holder_and_a_killed_holder_is_ta
     assert [json.loads(line)["step"] for line in logged.splitlines()] == list(range(1, len(logged.splitlines()) + 1))
 
     code, err = finish(kt_edge("eval", recipe, "-s", "eval.baseline=false"))  # nothing to evaluate: exit 2
-    assert f"warning: {run_dir}: took over the lock of `kt-edge train-teacher` (PID {first.pid} on host " \
-           f"{socket.gethostname()}" in err
+    assert (
+        f"warning: {run_dir}: took over the lock of `kt-edge train-teacher` (PID {first.pid} on host "
+        f"{socket.gethostname()}" in err
+    )
     assert code == 2 and "nothing to evaluate" in err, err
     assert not (run_dir / ".lock").exists()  # released at the end
 
@@ -70,6 +84,7 @@ def test_under_torchrun_only_rank_0_holds_the_run_directory(tmp_path, monkeypatc
 
 def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
     """Some network filesystems have no flock: a holder alive on this host is respected, a dead one replaced."""
+
     def no_locks(*_args):
         raise OSError(errno.ENOLCK, "No locks available")
 

@@ -12,18 +12,16 @@ import time
 import pytest
 import torch
 import yaml
+from sample_kit import SAMPLE, tiny_recipe_dict
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
 from kt_edge.data.sources import open_images
 from kt_edge.engine.trainer import RESUME, train
-from kt_edge.errors import Interrupted
-from kt_edge.errors import CheckpointError, KtEdgeError, TrainingError
+from kt_edge.errors import CheckpointError, Interrupted, KtEdgeError, TrainingError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import TrainConfig
 from kt_edge.teachers.moco import MoCo
-
-from sample_kit import SAMPLE, tiny_recipe_dict
 
 CPU = torch.device("cpu")
 
@@ -38,8 +36,18 @@ def _method(n_images: int) -> MoCo:
 
 def _train(out, method, data, steps=4, resume=False, fingerprint=""):
     cfg = TrainConfig(epochs=10, max_steps=steps, batch_size=16, lr=0.05, checkpoint_every=1, log_every=1)
-    return train(method, data, cfg, out, stage="teacher", seed=0, device=CPU, image_size=32, resume=resume,
-                 fingerprint=fingerprint)
+    return train(
+        method,
+        data,
+        cfg,
+        out,
+        stage="teacher",
+        seed=0,
+        device=CPU,
+        image_size=32,
+        resume=resume,
+        fingerprint=fingerprint,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +60,12 @@ def _finite(state: dict) -> bool:
 
 
 def _recipe(tmp_path, lr: float):
-    teacher = {"arch": "alexnet", "method": "moco", "options": {"queue": 32, "hidden": 32, "dim": 16},
-               "train": {"epochs": 1, "max_steps": 6, "batch_size": 16, "lr": lr, "checkpoint_every": 1, "log_every": 1}}
+    teacher = {
+        "arch": "alexnet",
+        "method": "moco",
+        "options": {"queue": 32, "hidden": 32, "dim": 16},
+        "train": {"epochs": 1, "max_steps": 6, "batch_size": 16, "lr": lr, "checkpoint_every": 1, "log_every": 1},
+    }
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", teacher=teacher)))
     return recipe, tmp_path / "runs" / "tiny" / "teacher"
@@ -114,8 +126,9 @@ def test_sigint_writes_a_resume_point_and_stops(tmp_path, data, sigint_raises):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_outside_training_stops_a_stage_with_one_line_and_130(tmp_path, tiny_recipe, monkeypatch, signum,
-                                                                        sigint_raises):
+def test_a_signal_outside_training_stops_a_stage_with_one_line_and_130(
+    tmp_path, tiny_recipe, monkeypatch, signum, sigint_raises
+):
     from typer.testing import CliRunner
 
     from kt_edge.cli import app
@@ -146,13 +159,18 @@ def test_a_planted_resume_point_is_refused_without_running_it(tmp_path):
     recipe, out = _recipe(tmp_path, lr=0.05)
     marker = tmp_path / "pwned"
     out.mkdir(parents=True)
-    torch.save({"method": _Evil(marker), "optimizer": {}, "rng": torch.get_rng_state(), "step": 1,
-                "fingerprint": ""}, out / RESUME)
+    torch.save(
+        {"method": _Evil(marker), "optimizer": {}, "rng": torch.get_rng_state(), "step": 1, "fingerprint": ""},
+        out / RESUME,
+    )
     result = CliRunner().invoke(app, ["train-teacher", str(recipe), "--resume"])
     assert result.exit_code == 2, result.output
     # the global it would have called, and that it will not be loaded: not torch's advice to load it unsafely
-    assert "refused, the pickle holds more than weights: it would call posix.system; kt-edge will not load it" \
-        in result.output and "delete it" in result.output
+    assert (
+        "refused, the pickle holds more than weights: it would call posix.system; kt-edge will not load it"
+        in result.output
+        and "delete it" in result.output
+    )
     assert "weights_only=False" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not marker.exists()
     torch.load(out / RESUME, weights_only=False)  # what loading it without weights_only would have done

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from sample_kit import tiny_recipe_dict
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
@@ -20,8 +21,6 @@ from kt_edge.errors import CheckpointError, DataError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import SIDECAR, WEIGHTS, load_backbone, save_backbone
 from kt_edge.models.importers import import_teacher, read_checkpoint
-
-from sample_kit import tiny_recipe_dict
 
 
 class Exploit:
@@ -52,10 +51,13 @@ def load_unsafely(path):
     return pickle.loads(path.read_bytes())
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("zip", "refused, the pickle holds more than weights: it would call posix.system"),  # torch.save's format
-    ("pickle", "refused, the pickle holds more than weights"),  # a bare pickle (protocol 2)
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("zip", "refused, the pickle holds more than weights: it would call posix.system"),  # torch.save's format
+        ("pickle", "refused, the pickle holds more than weights"),  # a bare pickle (protocol 2)
+    ],
+)
 def test_a_booby_trapped_checkpoint_is_refused_and_runs_nothing(tmp_path, kind, message):
     path, marker = planted(tmp_path, kind)
     with pytest.raises(CheckpointError, match=message):
@@ -70,8 +72,9 @@ def test_a_booby_trapped_checkpoint_is_refused_and_runs_nothing(tmp_path, kind, 
 def test_the_cli_refuses_a_booby_trapped_teacher(tmp_path):
     path, marker = planted(tmp_path, "zip")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", teacher={"arch": "alexnet",
-                                                                                  "checkpoint": str(path)})))
+    recipe.write_text(
+        yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", teacher={"arch": "alexnet", "checkpoint": str(path)}))
+    )
     result = CliRunner().invoke(app, ["train-teacher", str(recipe)])
     assert result.exit_code == 2, result.output
     assert "refused, the pickle holds more than weights: it would call posix.system" in result.output
@@ -138,18 +141,30 @@ def bundle(tmp_path_factory):
     golden = torch.randn(4, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, as kt-edge export uses
-        torch.onnx.export(net, (golden,), str(root / "model.fp32.onnx"), dynamo=False, input_names=["images"],
-                          output_names=["embedding"], dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            (golden,),
+            str(root / "model.fp32.onnx"),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["embedding"],
+            dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+        )
     (root / "golden").mkdir()
     np.save(root / "golden" / "inputs.npy", golden.numpy())
     with torch.no_grad():
         np.save(root / "golden" / "outputs.npy", net(golden).numpy())
-    write_manifest(root, Manifest(
-        architecture="tiny-conv",
-        input=InputSpec(shape=(3, 16, 16), resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3),
-        output=OutputSpec(name="embedding", dim=8, normalized=False),
-        models={"fp32": ModelEntry("model.fp32.onnx", "images", "embedding")},
-        golden=Golden("golden/inputs.npy", "golden/outputs.npy"), verified=True))
+    write_manifest(
+        root,
+        Manifest(
+            architecture="tiny-conv",
+            input=InputSpec(shape=(3, 16, 16), resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3),
+            output=OutputSpec(name="embedding", dim=8, normalized=False),
+            models={"fp32": ModelEntry("model.fp32.onnx", "images", "embedding")},
+            golden=Golden("golden/inputs.npy", "golden/outputs.npy"),
+            verified=True,
+        ),
+    )
     return root
 
 
@@ -179,8 +194,9 @@ def test_an_intact_bundle_verifies(bundle, sessions, capsys):
     assert sessions == ["model.fp32.onnx"]
 
 
-@pytest.mark.parametrize("command", [["verify"], ["bench", "--iters", "1", "--warmup", "0"],
-                                     ["embed", "images", "-o", "out.npy"]])
+@pytest.mark.parametrize(
+    "command", [["verify"], ["bench", "--iters", "1", "--warmup", "0"], ["embed", "images", "-o", "out.npy"]]
+)
 @pytest.mark.parametrize("tampered", ["model.fp32.onnx", "golden/outputs.npy"])
 def test_a_tampered_bundle_file_is_refused_before_any_use(bundle, tmp_path, sessions, capsys, command, tampered):
     import shutil

@@ -125,8 +125,12 @@ def make_bundle(root: Path) -> Path:
         input=InputSpec(shape=(3, 32, 32), resize=32, crop=32, mean=CIFAR_MEAN, std=CIFAR_STD),
         output=OutputSpec(name=OUTPUT_NAME, dim=512, normalized=False),
         models={
-            p: ModelEntry(file=f"model.{p}.onnx", input_name=INPUT_NAME, output_name=OUTPUT_NAME,
-                          quantization=quantization if p == "int8" else None)
+            p: ModelEntry(
+                file=f"model.{p}.onnx",
+                input_name=INPUT_NAME,
+                output_name=OUTPUT_NAME,
+                quantization=quantization if p == "int8" else None,
+            )
             for p in ("fp32", "fp16", "int8")
         },
         golden=Golden(inputs="golden/inputs.npy", outputs="golden/outputs.npy", images=tuple(images)),

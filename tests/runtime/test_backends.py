@@ -65,8 +65,13 @@ def saturating_conv(path, weight: int) -> None:
         helper.make_node("QuantizeLinear", ["c", "y_scale", "y_zero"], ["yq"]),
         helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 1, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 1])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, 1])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     import onnx
 

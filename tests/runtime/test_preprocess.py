@@ -146,8 +146,9 @@ def test_host_and_device_decode_every_file_to_equal_tensors(tmp_path):
 def test_unreadable_image_is_an_error_and_extreme_aspect_works(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
-        preprocess_file(tmp_path / "broken.jpg", InputSpec(shape=(3, 8, 8), resize=8, crop=8, mean=(0, 0, 0),
-                                                           std=(1, 1, 1)))
+        preprocess_file(
+            tmp_path / "broken.jpg", InputSpec(shape=(3, 8, 8), resize=8, crop=8, mean=(0, 0, 0), std=(1, 1, 1))
+        )
     tiny = InputSpec(shape=(3, 8, 8), resize=8, crop=8, mean=(0, 0, 0), std=(1, 1, 1))
     wide = Image.new("RGB", (100, 2))
     out = preprocess_image(wide, tiny)  # shorter side scaled up to 8, then cropped

@@ -14,9 +14,19 @@ PYPROJECT = EXPORT / "pyproject.toml"
 
 def test_runtime_needs_nothing_newer_than_python_3_8():
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys, vermin; sys.argv[0] = 'vermin'; sys.exit(vermin.main())",
-         "--target=3.8-", "--no-tips", "--violations", "--no-parse-comments", str(PACKAGE)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "import sys, vermin; sys.argv[0] = 'vermin'; sys.exit(vermin.main())",
+            "--target=3.8-",
+            "--no-tips",
+            "--violations",
+            "--no-parse-comments",
+            str(PACKAGE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -27,12 +37,16 @@ def test_annotations_stay_unevaluated_where_python_3_8_cannot_read_them():
         tree = ast.parse(path.read_text(), str(path))
         annotated = any(
             isinstance(node, ast.AnnAssign)
-            or (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                and (node.returns is not None or any(a.annotation is not None for a in node.args.args)))
+            or (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and (node.returns is not None or any(a.annotation is not None for a in node.args.args))
+            )
             for node in ast.walk(tree)
         )
-        future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__"
-                     and any(a.name == "annotations" for a in n.names) for n in tree.body)
+        future = any(
+            isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+            for n in tree.body
+        )
         assert future or not annotated, f"{path.name} needs `from __future__ import annotations`"
 
 

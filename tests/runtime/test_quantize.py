@@ -127,16 +127,22 @@ def test_output_embedding_carries_qdq_only_when_asked(bundle, calibration, tmp_p
     model = onnx.load(str(path))
     chain = producers[model.graph.output[0].name]
     assert not record["output_quantized"] and chain.op_type != "DequantizeLinear"
-    asked = int8(bundle / "model.fp32.onnx", tmp_path / "q.onnx", calibration, target="onnxruntime",
-                 quantize_output=True)
+    asked = int8(
+        bundle / "model.fp32.onnx", tmp_path / "q.onnx", calibration, target="onnxruntime", quantize_output=True
+    )
     model = onnx.load(str(tmp_path / "q.onnx"))
     producers = {o: n for n in model.graph.node for o in n.output}
     assert asked["output_quantized"] and producers[model.graph.output[0].name].op_type == "DequantizeLinear"
 
 
 def test_keep_float_takes_op_types_and_node_globs(bundle, calibration, tmp_path):
-    record = int8(bundle / "model.fp32.onnx", tmp_path / "q.onnx", calibration, target="onnxruntime",
-                  keep_float=["Add", "/layer4/*"])
+    record = int8(
+        bundle / "model.fp32.onnx",
+        tmp_path / "q.onnx",
+        calibration,
+        target="onnxruntime",
+        keep_float=["Add", "/layer4/*"],
+    )
     model = onnx.load(str(tmp_path / "q.onnx"))
     kept = set(record["float_nodes"])
     assert {n.name for n in model.graph.node if n.op_type == "Add"} <= kept

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kt_edge_runtime
 import numpy as np
 import onnx
-import kt_edge_runtime
 import pytest
 from kt_edge_runtime.bundle import MANIFEST_NAME, Manifest, write_manifest
 
@@ -33,7 +33,11 @@ def torchless(tmp_path):
     marker = tmp_path / "torch-import-attempts.txt"
     # The runtime under test (this checkout's, not whichever is installed) behind the blockers.
     runtime = Path(kt_edge_runtime.__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(runtime)]), "KT_EDGE_TORCH_MARKER": str(marker)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(blocked), str(runtime)]),
+        "KT_EDGE_TORCH_MARKER": str(marker),
+    }
     env.pop("KT_EDGE_PUBLIC_KEY", None)
 
     def run(*args: str | Path) -> subprocess.CompletedProcess:

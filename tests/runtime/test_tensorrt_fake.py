@@ -161,8 +161,11 @@ def test_dla_engine_has_one_fixed_batch_and_is_found_with_its_core(trt, bundle_c
 
 
 def test_verify_embed_and_bench_take_dla_core(trt, bundle_copy, tmp_path, capsys):
-    for args in (["verify", bundle_copy], ["bench", bundle_copy],
-                 ["embed", bundle_copy, bundle_copy / "golden" / "images", "-o", tmp_path / "e.npy"]):
+    for args in (
+        ["verify", bundle_copy],
+        ["bench", bundle_copy],
+        ["embed", bundle_copy, bundle_copy / "golden" / "images", "-o", tmp_path / "e.npy"],
+    ):
         assert main([*map(str, args), "--backend", "tensorrt", "--precision", "fp16", "--dla-core", "0"]) == 2
         line = one_error_line(capsys)
         assert "no fp16 engine for TensorRT 10.3.0 on Orin (sm87) on DLA core 0" in line
@@ -175,8 +178,11 @@ def test_engine_from_another_gpu_model_with_the_same_compute_capability_is_refus
     path = build_engine(bundle_copy, "fp32")
     sidecar = path.with_suffix(".json")
     sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "gpu": "Orin Nano"}))
-    with pytest.raises(BackendError, match=r"built for TensorRT 10.3.0 on Orin Nano \(sm87\); this device has "
-                                           r"TensorRT 10.3.0 on Orin \(sm87\)"):
+    with pytest.raises(
+        BackendError,
+        match=r"built for TensorRT 10.3.0 on Orin Nano \(sm87\); this device has "
+        r"TensorRT 10.3.0 on Orin \(sm87\)",
+    ):
         TrtBackend(path)
 
 
@@ -227,8 +233,9 @@ def test_int8_quantized_for_onnxruntime_is_refused_by_tensorrt(trt, bundle_copy,
     from kt_edge.export.quantize import to_int8
 
     with pytest.warns(UserWarning):
-        record = to_int8(bundle_copy / "model.fp32.onnx", bundle_copy / "model.int8.onnx", calibration,
-                         target="onnxruntime")
+        record = to_int8(
+            bundle_copy / "model.fp32.onnx", bundle_copy / "model.int8.onnx", calibration, target="onnxruntime"
+        )
     data = json.loads((bundle_copy / "manifest.json").read_text())
     data["models"]["int8"]["quantization"] = record
     write_manifest(bundle_copy, Manifest.from_dict(data))

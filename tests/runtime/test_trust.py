@@ -7,8 +7,8 @@ the commands run where importing onnxruntime (and torch) raises.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +26,12 @@ BLOCKER = 'raise ImportError("{name} is blocked: a refused bundle must not get a
 def write_keys(folder: Path, name: str) -> tuple[Path, Path]:
     key = ed25519.Ed25519PrivateKey.generate()
     private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return private, public
 
 
@@ -59,8 +61,13 @@ def modelless(tmp_path):
     env.pop("KT_EDGE_PUBLIC_KEY", None)
 
     def run(*args) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "kt_edge_runtime", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "kt_edge_runtime", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return run
 
@@ -101,8 +108,13 @@ def unsigned(bundle: Path, keys) -> list:
 
 def unverified(bundle: Path, keys) -> list:
     data = json.loads((bundle / MANIFEST_NAME).read_text())
-    results = {"int8": {"golden": {"passed": True}, "split": {"passed": False, "failures": ["min cosine 0.86 < 0.98"]},
-                        "passed": False}}
+    results = {
+        "int8": {
+            "golden": {"passed": True},
+            "split": {"passed": False, "failures": ["min cosine 0.86 < 0.98"]},
+            "passed": False,
+        }
+    }
     rewrite(bundle, verified=False, parity={**data["parity"], "results": results})
     return []
 
@@ -164,7 +176,12 @@ def runtime_cli():
     def run(*args, env: dict | None = None) -> subprocess.CompletedProcess:
         base = {k: v for k, v in os.environ.items() if k != "KT_EDGE_PUBLIC_KEY"}
         full = {**base, "PYTHONPATH": str(runtime), **(env or {})}
-        return subprocess.run([sys.executable, "-m", "kt_edge_runtime", *map(str, args)], env=full,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "kt_edge_runtime", *map(str, args)],
+            env=full,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     return run

@@ -37,17 +37,29 @@ from kt_edge.transfer.seed import Seed  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample" / "cifar10"
 CPU = torch.device("cpu")
-SCENARIOS = {"seed_per_sample": ("seed", "per_sample"), "seed_batched": ("seed", "batched"),
-             "moco_batched": ("moco", "batched"), "simclr_batched": ("simclr", "batched"),
-             "byol_batched": ("byol", "batched"), "barlow_batched": ("barlow", "batched")}
+SCENARIOS = {
+    "seed_per_sample": ("seed", "per_sample"),
+    "seed_batched": ("seed", "batched"),
+    "moco_batched": ("moco", "batched"),
+    "simclr_batched": ("simclr", "batched"),
+    "byol_batched": ("byol", "batched"),
+    "barlow_batched": ("barlow", "batched"),
+}
 WORLD = 2
 
 
 def tiny_backbone(seed: int, batchnorm: bool = False) -> Backbone:
     torch.manual_seed(seed)
     norm = [nn.BatchNorm2d(8)] if batchnorm else []
-    body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), *norm, nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    body = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        *norm,
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     return Backbone("tiny", 32, body, 16)
 
 
@@ -75,11 +87,20 @@ def run(name: str, out: Path, method=None) -> None:
     kind, augment = SCENARIOS[name]
     data = images(augment)
     method = method or method_for(kind, len(data))
-    cfg = TrainConfig(epochs=10, max_steps=6, batch_size=16, optimizer="sgd", lr=0.1, checkpoint_every=4,
-                      log_every=1)
+    cfg = TrainConfig(epochs=10, max_steps=6, batch_size=16, optimizer="sgd", lr=0.1, checkpoint_every=4, log_every=1)
     folder = out / name
-    train(method, data, cfg, folder, stage=name, seed=0, device=CPU, image_size=32,
-          metrics_path=folder / "metrics.jsonl", augment=augment)
+    train(
+        method,
+        data,
+        cfg,
+        folder,
+        stage=name,
+        seed=0,
+        device=CPU,
+        image_size=32,
+        metrics_path=folder / "metrics.jsonl",
+        augment=augment,
+    )
     distributed.barrier()
     torch.save(method.state_dict(), folder / f"rank{distributed.rank()}.pt")
 
@@ -87,8 +108,8 @@ def run(name: str, out: Path, method=None) -> None:
 def in_threads(work, world: int = WORLD) -> list:
     """``work(rank)`` on ``world`` threads of this process joined in torch's threaded process group; the results
     in rank order. Whatever ``work`` draws from torch's global generator, the threads share."""
-    from torch.testing._internal.distributed.multi_threaded_pg import _install_threaded_pg, _uninstall_threaded_pg
     import torch.distributed as dist
+    from torch.testing._internal.distributed.multi_threaded_pg import _install_threaded_pg, _uninstall_threaded_pg
 
     torch._C._distributed_c10d._set_thread_isolation_mode(True)
     _install_threaded_pg()

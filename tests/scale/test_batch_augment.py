@@ -5,17 +5,30 @@ import math
 import numpy as np
 import pytest
 import torch
+from sample_kit import SAMPLE
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from kt_edge.data.augment import MEAN, STD, TwoViews, moco_v2
 from kt_edge.data.gpu_augment import (
-    CROP_ATTEMPTS, BatchAugment, Blur, Flip, Grayscale, Jitter, Normalize, ResizedCrop, Solarize, adjust_brightness,
-    adjust_contrast, adjust_hue, adjust_saturation, crop_resize, gaussian_blur)
+    CROP_ATTEMPTS,
+    BatchAugment,
+    Blur,
+    Flip,
+    Grayscale,
+    Jitter,
+    Normalize,
+    ResizedCrop,
+    Solarize,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    crop_resize,
+    gaussian_blur,
+)
 from kt_edge.data.sources import open_images
 from kt_edge.errors import DataError
-
-from sample_kit import SAMPLE
 
 
 def _images(n=8, size=32, seed=0):
@@ -97,11 +110,15 @@ def test_crop_boxes_follow_torchvision_random_resized_crop():
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 48).all() and (left + w <= 64).all()
     assert (h >= 1).all() and (w >= 1).all() and torch.equal(h, h.round()) and torch.equal(top, top.round())
     torch.manual_seed(0)
-    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, 48, 64), [0.2, 1.0], [3 / 4, 4 / 3])
-                        for _ in range(n)], dtype=torch.float32)  # rows (top, left, h, w)
-    for ours, theirs, tol in (((h * w / (48 * 64)), ref[:, 2] * ref[:, 3] / (48 * 64), 0.02),  # area fraction
-                              ((w / h).log(), (ref[:, 3] / ref[:, 2]).log(), 0.015),  # log aspect ratio
-                              ((left + w / 2) / 64, (ref[:, 1] + ref[:, 3] / 2) / 64, 0.01)):  # horizontal centre
+    ref = torch.tensor(
+        [T.RandomResizedCrop.get_params(torch.empty(3, 48, 64), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
+        dtype=torch.float32,
+    )  # rows (top, left, h, w)
+    for ours, theirs, tol in (
+        ((h * w / (48 * 64)), ref[:, 2] * ref[:, 3] / (48 * 64), 0.02),  # area fraction
+        ((w / h).log(), (ref[:, 3] / ref[:, 2]).log(), 0.015),  # log aspect ratio
+        ((left + w / 2) / 64, (ref[:, 1] + ref[:, 3] / 2) / 64, 0.01),
+    ):  # horizontal centre
         assert abs(ours.mean() - theirs.mean()) < tol and abs(ours.median() - theirs.median()) < 2 * tol
 
 
@@ -110,19 +127,22 @@ def test_crop_resize_matches_torchvision_resized_crop_inside_the_box():
     boxes = [(5, 7, 20, 24), (0, 0, 40, 48)]
     top, left, h, w = (torch.tensor([b[i] for b in boxes], dtype=torch.float32) for i in range(4))
     out = crop_resize(x, top, left, h, w, (32, 32))
-    for i, (t, l, hh, ww) in enumerate(boxes):
-        ref = TF.resized_crop(x[i], t, l, hh, ww, [32, 32], antialias=False)
+    for i, (t, le, hh, ww) in enumerate(boxes):
+        ref = TF.resized_crop(x[i], t, le, hh, ww, [32, 32], antialias=False)
         torch.testing.assert_close(out[i, :, 2:-2, 2:-2], ref[:, 2:-2, 2:-2], atol=1e-5, rtol=0)
     whole = crop_resize(x, torch.zeros(2), torch.zeros(2), torch.full((2,), 40.0), torch.full((2,), 48.0), (40, 48))
     torch.testing.assert_close(whole, x, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("ours,theirs,low,high", [
-    (adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
-    (adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
-    (adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
-    (adjust_hue, TF.adjust_hue, -0.5, 0.5),
-])
+@pytest.mark.parametrize(
+    "ours,theirs,low,high",
+    [
+        (adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+        (adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+        (adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
+        (adjust_hue, TF.adjust_hue, -0.5, 0.5),
+    ],
+)
 def test_each_colour_op_equals_torchvision_with_a_factor_per_image(ours, theirs, low, high):
     x = torch.rand(6, 3, 12, 12)
     x[0] = 0.5  # a flat grey image: no hue, no saturation
@@ -180,7 +200,10 @@ def test_same_recipe_as_the_cpu_pipeline_in_distribution():
     reference = torch.stack([cpu(data.image(i % 64)) for i in range(256)])
     for stat in (lambda v: v.mean(dim=(0, 2, 3)), lambda v: v.std(dim=(0, 2, 3))):
         torch.testing.assert_close(stat(batched), stat(reference), atol=0.12, rtol=0)
-    equal_channels = lambda v: ((v[:, 0] * STD[0] + MEAN[0] - v[:, 2] * STD[2] - MEAN[2]).abs().amax((1, 2)) < 0.02)
+
+    def equal_channels(v):
+        return (v[:, 0] * STD[0] + MEAN[0] - v[:, 2] * STD[2] - MEAN[2]).abs().amax((1, 2)) < 0.02
+
     assert 0.1 < equal_channels(batched).float().mean() < 0.3  # grayscale about 20% of the time
     assert 0.1 < equal_channels(reference).float().mean() < 0.3
 
@@ -199,6 +222,8 @@ def test_a_batch_is_augmented_without_reading_a_value_back_to_the_host(method, i
 
     aug = BatchAugment.from_transform(TEACHERS[method].train_transform(image_size))
     meta = torch.device("meta")
-    views = aug(torch.empty(8, image_size, image_size, 3, dtype=torch.uint8, device=meta),
-                torch.empty(8, aug.draws, device=meta))
+    views = aug(
+        torch.empty(8, image_size, image_size, 3, dtype=torch.uint8, device=meta),
+        torch.empty(8, aug.draws, device=meta),
+    )
     assert all(v.device == meta and v.shape == (8, 3, image_size, image_size) for v in views)

@@ -2,24 +2,23 @@
 
 import json
 
+import ddp_train
 import numpy as np
 import pytest
 import torch
 import yaml
+from sample_kit import SAMPLE, tiny_recipe_dict
 from torchvision import transforms as T
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
+from kt_edge.data.augment import moco_v2
 from kt_edge.data.feed import ArrayBatches, resolve_augment, sample_key
 from kt_edge.data.gpu_augment import BatchAugment
-from kt_edge.data.augment import moco_v2
 from kt_edge.data.sources import ArrayImages, open_images
 from kt_edge.engine.trainer import make_optimizer, networks, train
 from kt_edge.errors import DataError
 from kt_edge.recipe import TrainConfig
-
-from sample_kit import SAMPLE, tiny_recipe_dict
-import ddp_train
 
 CPU = torch.device("cpu")
 
@@ -30,10 +29,29 @@ def _in_memory(n=64) -> ArrayImages:
 
 
 def _run(folder, method, data, steps, resume=False, compile=False):
-    cfg = TrainConfig(epochs=100, max_steps=steps, batch_size=16, optimizer="adamw", lr=2e-3, checkpoint_every=2, log_every=1,
-                      compile=compile)
-    return train(method, data, cfg, folder, stage="distill", seed=0, device=CPU, image_size=32, resume=resume,
-                 metrics_path=folder / "metrics.jsonl", augment="batched")
+    cfg = TrainConfig(
+        epochs=100,
+        max_steps=steps,
+        batch_size=16,
+        optimizer="adamw",
+        lr=2e-3,
+        checkpoint_every=2,
+        log_every=1,
+        compile=compile,
+    )
+    return train(
+        method,
+        data,
+        cfg,
+        folder,
+        stage="distill",
+        seed=0,
+        device=CPU,
+        image_size=32,
+        resume=resume,
+        metrics_path=folder / "metrics.jsonl",
+        augment="batched",
+    )
 
 
 def test_batched_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
@@ -73,8 +91,12 @@ def test_batched_path_needs_pixels_at_the_training_size():
     with pytest.raises(DataError, match="data.cache: true"):
         resolve_augment("batched", files, 32, CPU)
     with pytest.raises(DataError, match="decoded at 32px"):
-        ArrayBatches(ArrayImages(np.zeros((4, 40, 40, 3), np.uint8), np.zeros(4), [], "big"),
-                     BatchAugment.from_transform(moco_v2(32)), 0, 32)
+        ArrayBatches(
+            ArrayImages(np.zeros((4, 40, 40, 3), np.uint8), np.zeros(4), [], "big"),
+            BatchAugment.from_transform(moco_v2(32)),
+            0,
+            32,
+        )
 
 
 def test_auto_augment_is_batched_only_on_cuda_with_a_pixel_array():
@@ -129,7 +151,9 @@ def test_fused_optimisers_on_cuda_only():
 def test_recipe_switches_reach_the_trainer_through_the_cli(tmp_path):
     data = tiny_recipe_dict(tmp_path / "runs")
     data["data"].update(cache=True, cache_dir=str(tmp_path / "cache"), augment="batched")
-    data["teacher"].update(arch="alexnet", train={"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05, "log_every": 1})
+    data["teacher"].update(
+        arch="alexnet", train={"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05, "log_every": 1}
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["train-teacher", str(recipe)])

@@ -6,26 +6,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ddp_train
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-
-from kt_edge.engine import distributed
-from kt_edge.data.feed import EpochSampler
-from kt_edge.errors import KtEdgeError
-
-import ddp_train
 from sample_kit import REPO
+
+from kt_edge.data.feed import EpochSampler
+from kt_edge.engine import distributed
+from kt_edge.errors import KtEdgeError
 
 
 def _torchrun(out: Path) -> None:
     """Every scenario of ddp_train.py as 2 gloo ranks started by torchrun, as a user would start them."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
-        "PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(Path(ddp_train.__file__)), str(out)], env=env, capture_output=True, text=True,
-                            timeout=600)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(Path(ddp_train.__file__)),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -116,7 +131,7 @@ def test_global_negatives_and_correlation_equal_one_process_on_the_global_batch(
     expected.backward()
 
     def work(rank):
-        mine = [z[8 * rank:8 * (rank + 1)].clone().requires_grad_() for z in (z1, z2)]
+        mine = [z[8 * rank : 8 * (rank + 1)].clone().requires_grad_() for z in (z1, z2)]
         value = fn(*mine)
         (value / ddp_train.WORLD).backward()  # DDP averages the ranks' gradients
         return value.detach(), [m.grad for m in mine]
@@ -130,11 +145,12 @@ def test_global_negatives_and_correlation_equal_one_process_on_the_global_batch(
 
 def test_rank_slices_of_each_global_batch_make_up_the_one_process_batch():
     one = [i for _, i in EpochSampler(50, seed=3, epoch=1, start=16)]
-    slices = [[i for _, i in EpochSampler(50, seed=3, epoch=1, start=16, rank=r, world=2, batch_size=8)]
-              for r in (0, 1)]
+    slices = [
+        [i for _, i in EpochSampler(50, seed=3, epoch=1, start=16, rank=r, world=2, batch_size=8)] for r in (0, 1)
+    ]
     assert all(len(s) == len(EpochSampler(50, 3, 1, 16, rank=0, world=2, batch_size=8)) == 16 for s in slices)
     for b in range(4):  # four full global batches of 8 after the start
-        assert slices[0][4 * b:4 * b + 4] + slices[1][4 * b:4 * b + 4] == one[8 * b:8 * b + 8]
+        assert slices[0][4 * b : 4 * b + 4] + slices[1][4 * b : 4 * b + 4] == one[8 * b : 8 * b + 8]
 
 
 def test_one_process_helpers_are_identities(monkeypatch):
@@ -143,7 +159,9 @@ def test_one_process_helpers_are_identities(monkeypatch):
     shuffled, inverse = distributed.shuffle_batch(x)
     assert shuffled is x and distributed.unshuffle_batch(x, inverse) is x
     assert distributed.agree({"loss": torch.tensor(2.5)}, {"stop": True, "due": False}) == (
-        {"loss": 2.5}, {"stop": True, "due": False})
+        {"loss": 2.5},
+        {"stop": True, "due": False},
+    )
     assert distributed.init_from_env("cpu") is False  # WORLD_SIZE unset: no process group
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(KtEdgeError, match="distill.train.batch_size 16 does not split evenly over 3"):
@@ -153,18 +171,25 @@ def test_one_process_helpers_are_identities(monkeypatch):
 def test_an_imported_teacher_is_written_by_rank_0_and_read_by_all_once_whole(tmp_path, monkeypatch, one_thread):
     """Every rank writing it would let one rank see a half-written teacher (its sidecar removed first)."""
     import yaml
+    from sample_kit import tiny_recipe_dict
 
     from kt_edge.models.backbones import build_backbone
     from kt_edge.models.checkpoint import read_sidecar
     from kt_edge.recipe import load_recipe
     from kt_edge.stages import teacher
-    from sample_kit import tiny_recipe_dict
 
-    torch.save({k.removeprefix("body."): v for k, v in build_backbone("resnet18", 32).state_dict().items()},
-               tmp_path / "supervised.pth")
+    torch.save(
+        {k.removeprefix("body."): v for k, v in build_backbone("resnet18", 32).state_dict().items()},
+        tmp_path / "supervised.pth",
+    )
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "runs", teacher={
-        "checkpoint": str(tmp_path / "supervised.pth"), "format": "torchvision"})))
+    path.write_text(
+        yaml.safe_dump(
+            tiny_recipe_dict(
+                tmp_path / "runs", teacher={"checkpoint": str(tmp_path / "supervised.pth"), "format": "torchvision"}
+            )
+        )
+    )
     recipe = load_recipe(path)
     writers, save = [], teacher.save_backbone
     monkeypatch.setattr(teacher, "save_backbone", lambda *a, **k: writers.append(distributed.rank()) or save(*a, **k))
@@ -179,14 +204,16 @@ def test_an_imported_teacher_is_written_by_rank_0_and_read_by_all_once_whole(tmp
 
 def test_every_rank_decodes_its_share_of_the_image_cache(tmp_path, one_thread):
     """No rank waits on another's long CPU work: the two ranks' halves make the same array as one process."""
+    from sample_kit import SAMPLE
+
     from kt_edge.data.cache import build_cache
     from kt_edge.data.sources import open_images
-    from sample_kit import SAMPLE
 
     images = open_images(SAMPLE / "train", subset=40, seed=0)
     single = build_cache(images, tmp_path / "one", 32, "fp", chunk=8, progress=False)
-    shared = ddp_train.in_threads(lambda rank: build_cache(images, tmp_path / "two", 32, "fp", chunk=8,
-                                                           progress=False).array.copy())
+    shared = ddp_train.in_threads(
+        lambda rank: build_cache(images, tmp_path / "two", 32, "fp", chunk=8, progress=False).array.copy()
+    )
     assert all(np.array_equal(array, single.array) for array in shared)
     assert not list((tmp_path / "two").glob("progress*"))
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from sample_kit import SAMPLE, tiny_recipe_dict
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
@@ -19,15 +20,13 @@ from kt_edge.data.sources import load_rgb, open_images
 from kt_edge.errors import DataError
 from kt_edge.recipe import DataSource
 
-from sample_kit import SAMPLE, tiny_recipe_dict
-
 SHARED = Path(os.environ.get("KT_EDGE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def _small_folder(tmp_path, n=24) -> Path:
     """A copy of a few sample images (so tests may touch the files) in an ImageFolder tree."""
     images = open_images(SAMPLE / "train", subset=n, seed=0)
-    for i, path in enumerate(images.paths):
+    for path in images.paths:
         target = tmp_path / "src" / path.parent.name / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
@@ -116,8 +115,9 @@ def test_changed_source_is_rebuilt_and_folder_depends_on_the_recipe(tmp_path):
     second = cached_source(source, 32, seed=0, root=tmp_path / "cache", progress=False)
     assert second.root == first.root and len(second) == 11
     assert cache_folder(source, 32, 0, "x") != cache_folder(source, 48, 0, "x")
-    assert cache_folder(DataSource(path=src, subset=5), 32, 0, "x") != cache_folder(DataSource(path=src, subset=5),
-                                                                                     32, 1, "x")
+    assert cache_folder(DataSource(path=src, subset=5), 32, 0, "x") != cache_folder(
+        DataSource(path=src, subset=5), 32, 1, "x"
+    )
     assert cache_folder(source, 32, 0, "x") == cache_folder(source, 32, 1, "x")  # seed only matters for subsets
 
 

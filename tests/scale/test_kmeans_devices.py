@@ -23,8 +23,9 @@ def test_without_a_gpu_kmeans_runs_on_the_cpu_and_says_so_once(caplog, monkeypat
         first = fit_kmeans(_points(), 4, niter=5, use_gpu="auto")
         fit_kmeans(_points(), 4, niter=5, use_gpu="auto")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"no GPU for k-means (faiss-cpu build, no CUDA device): faiss runs on the CPU, "
-                        f"{cluster.cores()} threads"]
+    assert warnings == [
+        f"no GPU for k-means (faiss-cpu build, no CUDA device): faiss runs on the CPU, {cluster.cores()} threads"
+    ]
     assert first.engine == "faiss-cpu" and first.centroids.shape == (4, 8)
 
 

@@ -68,8 +68,9 @@ def test_a_split_network_keeps_the_plain_state_dict():
     build_backbone("resnet18", 32).load_state_dict(net.state_dict())
 
 
-@pytest.mark.parametrize("batch, wanted, expected", [(512, 8, 8), (256, 8, 8), (64, 8, 2), (96, 8, 3), (48, 8, 1),
-                                                     (64, 1, 1), (24, 8, 1)])
+@pytest.mark.parametrize(
+    "batch, wanted, expected", [(512, 8, 8), (256, 8, 8), (64, 8, 2), (96, 8, 3), (48, 8, 1), (64, 1, 1), (24, 8, 1)]
+)
 def test_splits_hold_at_least_32_images_and_divide_the_batch(batch, wanted, expected):
     assert split_count(batch, wanted, 32) == expected
 

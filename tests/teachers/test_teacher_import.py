@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from sample_kit import SAMPLE
 
 from kt_edge.errors import CheckpointError, RecipeError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import load_backbone, load_projection, save_backbone
 from kt_edge.models.importers import backbone_state, detect_format, import_teacher, read_checkpoint
 from kt_edge.recipe import recipe_from_dict
-from sample_kit import SAMPLE
 
 SIZE = 32
 
@@ -33,8 +33,12 @@ def reference():
 
 def head_weights(prefix: str) -> dict:
     """A MoCo v2 MLP head in fc: what the official checkpoints carry and the import must drop."""
-    return {f"{prefix}fc.0.weight": torch.randn(512, 512), f"{prefix}fc.0.bias": torch.randn(512),
-            f"{prefix}fc.2.weight": torch.randn(128, 512), f"{prefix}fc.2.bias": torch.randn(128)}
+    return {
+        f"{prefix}fc.0.weight": torch.randn(512, 512),
+        f"{prefix}fc.0.bias": torch.randn(512),
+        f"{prefix}fc.2.weight": torch.randn(128, 512),
+        f"{prefix}fc.2.bias": torch.randn(128),
+    }
 
 
 def official(plain: dict, prefix: str) -> dict:
@@ -43,31 +47,64 @@ def official(plain: dict, prefix: str) -> dict:
 
 def layouts(plain: dict) -> dict:
     """Each format as its official release lays it out."""
-    moco_v2 = {**official(plain, "module.encoder_q."), **head_weights("module.encoder_q."),
-               **official(plain, "module.encoder_k."), **head_weights("module.encoder_k."),
-               "module.queue": torch.randn(128, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
-    moco_v3 = {**official(plain, "module.base_encoder."), **head_weights("module.base_encoder."),
-               **official(plain, "module.momentum_encoder."),
-               "module.predictor.0.weight": torch.randn(512, 128)}
-    swav = {**official(plain, "module."), "module.projection_head.0.weight": torch.randn(256, 512),
-            "module.projection_head.0.bias": torch.randn(256), "module.prototypes.weight": torch.randn(300, 128)}
-    dino_teacher = {**official(plain, "module.backbone."), "module.head.mlp.0.weight": torch.randn(64, 512),
-                    "module.head.last_layer.weight_g": torch.randn(100, 1)}
+    moco_v2 = {
+        **official(plain, "module.encoder_q."),
+        **head_weights("module.encoder_q."),
+        **official(plain, "module.encoder_k."),
+        **head_weights("module.encoder_k."),
+        "module.queue": torch.randn(128, 64),
+        "module.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
+    moco_v3 = {
+        **official(plain, "module.base_encoder."),
+        **head_weights("module.base_encoder."),
+        **official(plain, "module.momentum_encoder."),
+        "module.predictor.0.weight": torch.randn(512, 128),
+    }
+    swav = {
+        **official(plain, "module."),
+        "module.projection_head.0.weight": torch.randn(256, 512),
+        "module.projection_head.0.bias": torch.randn(256),
+        "module.prototypes.weight": torch.randn(300, 128),
+    }
+    dino_teacher = {
+        **official(plain, "module.backbone."),
+        "module.head.mlp.0.weight": torch.randn(64, 512),
+        "module.head.last_layer.weight_g": torch.randn(100, 1),
+    }
     return {
-        "moco": {"epoch": 200, "arch": "resnet18", "state_dict": moco_v2,
-                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "momentum": 0.9, "params": [0, 1]}]}},
+        "moco": {
+            "epoch": 200,
+            "arch": "resnet18",
+            "state_dict": moco_v2,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "momentum": 0.9, "params": [0, 1]}]},
+        },
         "moco_v3": {"epoch": 100, "arch": "resnet18", "state_dict": moco_v3, "scaler": {"scale": 65536.0}},
         "swav": swav,
-        "dino": {"student": dino_teacher, "teacher": dino_teacher, "epoch": 100,
-                 "args": argparse.Namespace(arch="resnet18", out_dim=100)},
+        "dino": {
+            "student": dino_teacher,
+            "teacher": dino_teacher,
+            "epoch": 100,
+            "args": argparse.Namespace(arch="resnet18", out_dim=100),
+        },
         "torchvision": {**plain, "fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)},
-        "torchvision_ddp": official({**plain, "fc.weight": torch.randn(10, 512), "fc.bias": torch.randn(10)},
-                                    "module."),
+        "torchvision_ddp": official(
+            {**plain, "fc.weight": torch.randn(10, 512), "fc.bias": torch.randn(10)}, "module."
+        ),
     }
 
 
-@pytest.mark.parametrize("layout, fmt", [("moco", "moco"), ("moco_v3", "moco"), ("swav", "swav"), ("dino", "dino"),
-                                         ("torchvision", "torchvision"), ("torchvision_ddp", "torchvision")])
+@pytest.mark.parametrize(
+    "layout, fmt",
+    [
+        ("moco", "moco"),
+        ("moco_v3", "moco"),
+        ("swav", "swav"),
+        ("dino", "dino"),
+        ("torchvision", "torchvision"),
+        ("torchvision_ddp", "torchvision"),
+    ],
+)
 def test_official_layouts_round_trip_to_the_same_outputs(tmp_path, reference, layout, fmt):
     model, plain, probe = reference
     path = tmp_path / f"{layout}.pth"
@@ -132,15 +169,21 @@ def test_a_layer_keeps_the_weights_below_it(tmp_path, reference):
 def test_a_wrong_architecture_lists_missing_unexpected_and_misshapen_keys(tmp_path, reference):
     _, plain, _ = reference
     torch.save(layouts(plain)["swav"], tmp_path / "swav.pth")
-    with pytest.raises(CheckpointError, match=r"swav.pth \(format swav\) does not fit Backbone: shapes differ "
-                                              r"\(checkpoint vs model\) for \[body.layer1.0.conv1.weight "
-                                              r"\[64, 64, 3, 3\] vs \[64, 64, 1, 1\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"swav.pth \(format swav\) does not fit Backbone: shapes differ "
+        r"\(checkpoint vs model\) for \[body.layer1.0.conv1.weight "
+        r"\[64, 64, 3, 3\] vs \[64, 64, 1, 1\]",
+    ):
         import_teacher(tmp_path / "swav.pth", "resnet50", SIZE)
     extra = {**plain, "layer5.0.conv1.weight": torch.randn(1)}
     del extra["layer4.1.bn2.running_var"]
     torch.save(extra, tmp_path / "extra.pth")
-    with pytest.raises(CheckpointError, match=r"missing \[body.layer4.1.bn2.running_var\]; "
-                                              r"unexpected \[body.layer5.0.conv1.weight\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing \[body.layer4.1.bn2.running_var\]; "
+        r"unexpected \[body.layer5.0.conv1.weight\]",
+    ):
         import_teacher(tmp_path / "extra.pth", "resnet18", SIZE)
 
 
@@ -194,18 +237,29 @@ def test_a_timm_model_in_hub_layout_imports_and_reloads(tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).eval()
     folder = tmp_path / "vit"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "architecture": "vit_tiny_patch16_224", "num_classes": 10, "num_features": 192,
-        "pretrained_cfg": {"input_size": [3, 224, 224], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
-                           "classifier": "head"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": "vit_tiny_patch16_224",
+                "num_classes": 10,
+                "num_features": 192,
+                "pretrained_cfg": {
+                    "input_size": [3, 224, 224],
+                    "mean": [0.5, 0.5, 0.5],
+                    "std": [0.5, 0.5, 0.5],
+                    "classifier": "head",
+                },
+            }
+        )
+    )
     save({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     teacher, projection = import_teacher(folder, "resnet18", SIZE)
     assert teacher.embed_dim == 192 and projection is None
     ours = torch.randn(2, 3, SIZE, SIZE)
-    pixels = ours * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + \
-        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    theirs = torch.nn.functional.interpolate((pixels - 0.5) / 0.5, size=(224, 224), mode="bicubic",
-                                             align_corners=False)
+    pixels = ours * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        1, 3, 1, 1
+    )
+    theirs = torch.nn.functional.interpolate((pixels - 0.5) / 0.5, size=(224, 224), mode="bicubic", align_corners=False)
     with torch.no_grad():
         expected = model.forward_head(model.forward_features(theirs), pre_logits=True)
         assert torch.allclose(teacher(ours), expected, atol=1e-4)
@@ -216,13 +270,14 @@ def test_a_timm_model_in_hub_layout_imports_and_reloads(tmp_path):
 
 
 def test_the_teacher_stage_imports_an_official_checkpoint_for_distillation(tmp_path, reference, tiny_recipe):
-    from kt_edge.stages.teacher import train_teacher
     from kt_edge.recipe import load_recipe
+    from kt_edge.stages.teacher import train_teacher
 
     model, plain, probe = reference
     torch.save(layouts(plain)["moco"], tmp_path / "moco_v2.pth.tar")
-    recipe = load_recipe(tiny_recipe(teacher={"arch": "resnet18", "checkpoint": str(tmp_path / "moco_v2.pth.tar"),
-                                              "format": "moco"}))
+    recipe = load_recipe(
+        tiny_recipe(teacher={"arch": "resnet18", "checkpoint": str(tmp_path / "moco_v2.pth.tar"), "format": "moco"})
+    )
     folder = train_teacher(recipe)
     teacher, card = load_backbone(folder)
     assert card["method"] == "imported" and card["arch"] == "resnet18"

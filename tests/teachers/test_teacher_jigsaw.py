@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from sample_kit import SAMPLE, fixed_batch, sample_images
+from teacher_kit import coordinate_puzzle, losses_over_steps
 from torchvision.transforms import functional as TF
 
 from kt_edge.data.augment import MEAN, STD
@@ -10,8 +12,6 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.recipe import recipe_from_dict
 from kt_edge.teachers import tiles
 from kt_edge.teachers.jigsaw import Jigsaw, JigsawPP, swap_in_donors
-from sample_kit import SAMPLE, fixed_batch, sample_images
-from teacher_kit import coordinate_puzzle, losses_over_steps
 
 HEAD = {"tile_dim": 32, "hidden": 64}
 
@@ -33,13 +33,16 @@ def unshuffle(shuffled: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def stitch(grid_tiles: torch.Tensor) -> torch.Tensor:
     """9 row-major tiles [9, C, t, t] side by side -> [C, 3t, 3t]."""
-    rows = [torch.cat(list(grid_tiles[r * 3:(r + 1) * 3]), dim=-1) for r in range(3)]
+    rows = [torch.cat(list(grid_tiles[r * 3 : (r + 1) * 3]), dim=-1) for r in range(3)]
     return torch.cat(rows, dim=-2)
 
 
 def test_undoing_the_labelled_permutation_rebuilds_the_image():
-    method = Jigsaw(build_backbone("alexnet", 32), {"permutations": 24, "gap": 0, "jitter": 0, "tile_norm": False,
-                                                     **HEAD}, n_images=8)
+    method = Jigsaw(
+        build_backbone("alexnet", 32),
+        {"permutations": 24, "gap": 0, "jitter": 0, "tile_norm": False, **HEAD},
+        n_images=8,
+    )
     view = method.train_transform(32)
     puzzle = torch.rand(3, 3 * method.tile, 3 * method.tile)
     torch.manual_seed(0)
@@ -55,20 +58,25 @@ def test_undoing_the_labelled_permutation_rebuilds_the_image():
 
 
 def test_with_gaps_and_jitter_every_tile_returns_to_its_own_cell():
-    method = Jigsaw(build_backbone("alexnet", 32), {"permutations": 24, "tile_norm": False, "gap": 0.5,
-                                                     "jitter": 0.2, **HEAD}, n_images=8)
+    method = Jigsaw(
+        build_backbone("alexnet", 32),
+        {"permutations": 24, "tile_norm": False, "gap": 0.5, "jitter": 0.2, **HEAD},
+        n_images=8,
+    )
     view = method.train_transform(32)
     cell, side = method.tile + 8, 3 * (method.tile + 8)
     puzzle = coordinate_puzzle(side)
     torch.manual_seed(1)
     for _ in range(5):
         shuffled, label, _ = view.shuffle(puzzle)
-        grid = unshuffle(shuffled, method.perms[label]) * torch.tensor(STD)[:, None, None] + \
-            torch.tensor(MEAN)[:, None, None]
+        grid = (
+            unshuffle(shuffled, method.perms[label]) * torch.tensor(STD)[:, None, None]
+            + torch.tensor(MEAN)[:, None, None]
+        )
         for k in range(9):
             y, x = round(float(grid[k, 0, 0, 0]) * 255), round(float(grid[k, 1, 0, 0]) * 255)
             assert (y // cell, x // cell) == divmod(k, 3)
-            assert torch.allclose(grid[k], puzzle[:, y:y + method.tile, x:x + method.tile], atol=1e-5)
+            assert torch.allclose(grid[k], puzzle[:, y : y + method.tile, x : x + method.tile], atol=1e-5)
 
 
 def test_jigsaw_pp_replaces_up_to_two_tiles_with_tiles_of_another_image():
@@ -95,7 +103,7 @@ def test_jigsaw_pp_tiles_are_normalised_per_tile_and_grey_about_70_percent_of_th
     images = sample_images(40)
     torch.manual_seed(3)
     grey = 0
-    for repeat in range(3):
+    for _repeat in range(3):
         for i in range(len(images)):
             shuffled, _, _ = view(images.image(i))
             assert torch.allclose(shuffled.mean(dim=(-2, -1)), torch.zeros(9, 3), atol=1e-4)
@@ -111,8 +119,11 @@ def test_jigsaw_pp_defaults_are_the_paper_setting():
 
 
 def test_too_many_replaced_tiles_for_the_permutation_distance_is_a_recipe_error():
-    data = {"name": "x", "data": {"train": {"path": str(SAMPLE / "train")}},
-            "teacher": {"method": "jigsaw_pp", "options": {"replace": 3}}}
+    data = {
+        "name": "x",
+        "data": {"train": {"path": str(SAMPLE / "train")}},
+        "teacher": {"method": "jigsaw_pp", "options": {"replace": 3}},
+    }
     with pytest.raises(RecipeError, match="teacher.options.replace 3 needs min_hamming above it"):
         recipe_from_dict(data)
 

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sample_kit import fixed_batch, sample_images
+from teacher_kit import losses_over_steps
 
 from kt_edge.models.backbones import build_backbone
 from kt_edge.teachers.barlow import BarlowTwins, barlow_loss
 from kt_edge.teachers.byol import BYOL, momentum_at, regression_loss
 from kt_edge.teachers.simclr import SimCLR, nt_xent
-from sample_kit import fixed_batch, sample_images
-from teacher_kit import losses_over_steps
 
 
 def test_nt_xent_matches_its_definition():
@@ -63,11 +63,14 @@ def test_byol_target_is_an_ema_of_the_online_weights_and_gets_no_gradient():
     assert torch.allclose(target, m * before + (1 - m) * online, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls, options", [
-    (SimCLR, {"hidden": 64, "dim": 32}),
-    (BYOL, {"hidden": 64, "dim": 32}),
-    (BarlowTwins, {"hidden": 64, "dim": 64}),
-])
+@pytest.mark.parametrize(
+    "cls, options",
+    [
+        (SimCLR, {"hidden": 64, "dim": 32}),
+        (BYOL, {"hidden": 64, "dim": 32}),
+        (BarlowTwins, {"hidden": 64, "dim": 64}),
+    ],
+)
 def test_the_loss_falls_on_real_images(cls, options):
     torch.manual_seed(0)
     method = cls(build_backbone("alexnet", 32), options, n_images=8)

@@ -18,8 +18,9 @@ def shipped(tmp_path):
     torch.manual_seed(0)
     model, head = build_backbone("alexnet", 32).eval(), projection_head(256, 64, 16).eval()
     save_backbone(model, tmp_path / "trained", head, method="moco", inputs="x")
-    files = write_parts(tmp_path / "trained", tmp_path / "shipped", WEIGHTS, SIDECAR, max_bytes=600_000,
-                        gpu="a GPU", minutes=2.5)
+    files = write_parts(
+        tmp_path / "trained", tmp_path / "shipped", WEIGHTS, SIDECAR, max_bytes=600_000, gpu="a GPU", minutes=2.5
+    )
     return model, head, tmp_path / "shipped", files
 
 

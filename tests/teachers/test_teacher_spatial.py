@@ -1,13 +1,13 @@
 """Relative patch location and rotation: the labels say what was done to the image; the loss falls."""
 
 import torch
+from sample_kit import fixed_batch, sample_images
+from teacher_kit import coordinate_puzzle, losses_over_steps
 
 from kt_edge.data.augment import MEAN, STD
 from kt_edge.models.backbones import build_backbone
 from kt_edge.teachers.relative_patch import NEIGHBOURS, RelativePatch, drop_colours
 from kt_edge.teachers.rotation import Rotation, rotate_batch
-from sample_kit import fixed_batch, sample_images
-from teacher_kit import coordinate_puzzle, losses_over_steps
 
 HEAD = {"tile_dim": 32, "hidden": 64}
 

@@ -3,13 +3,20 @@
 import numpy as np
 import pytest
 import torch
+from teacher_kit import coordinate_puzzle
 
 from kt_edge.errors import RecipeError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.teachers import tiles
-from kt_edge.teachers.tiles import (check_tile, cut_grid, default_tile, geometry, hamming_permutations, min_hamming,
-                                    normalize_tiles)
-from teacher_kit import coordinate_puzzle
+from kt_edge.teachers.tiles import (
+    check_tile,
+    cut_grid,
+    default_tile,
+    geometry,
+    hamming_permutations,
+    min_hamming,
+    normalize_tiles,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +69,7 @@ def test_tiles_sit_in_their_own_cells_with_gap_and_jitter():
         cut, corners = cut_grid(puzzle, tile, jitter)
         assert cut.shape == (9, 3, tile, tile)
         for k, (y, x) in enumerate(corners.tolist()):
-            assert torch.equal(cut[k], puzzle[:, y:y + tile, x:x + tile])
+            assert torch.equal(cut[k], puzzle[:, y : y + tile, x : x + tile])
             row, col = divmod(k, 3)
             offset_y, offset_x = y - row * cell, x - col * cell
             assert abs(offset_y - 4) <= jitter and abs(offset_x - 4) <= jitter  # centred, then jittered

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from transfer_kit import sample_batch, tiny_backbone, train_steps
 
+from kt_edge.engine.method import Needs
 from kt_edge.errors import DataError, RecipeError
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.recipe import recipe_from_dict
 from kt_edge.transfer.compress import Compress, compress_loss
-from kt_edge.engine.method import Needs
 
 
 def softmax(z):
@@ -70,8 +70,7 @@ def test_1q_compares_the_student_with_the_teacher_bank_and_enqueues_after_the_lo
 def test_2q_fills_the_student_bank_from_the_momentum_student():
     torch.manual_seed(0)
     teacher = FrozenTeacher(tiny_backbone(48), torch.device("cpu"))
-    method = Compress(tiny_backbone(), teacher, {"variant": "2q", "bank": 40, "dim": 16, "momentum": 0.5},
-                      n_images=100)
+    method = Compress(tiny_backbone(), teacher, {"variant": "2q", "bank": 40, "dim": 16, "momentum": 0.5}, n_images=100)
     assert all(not p.requires_grad for p in method.momentum_backbone.parameters())
     assert all(not p.requires_grad for p in method.momentum_head.parameters())
     x, labels = sample_batch()
@@ -86,12 +85,13 @@ def test_2q_fills_the_student_bank_from_the_momentum_student():
     assert torch.allclose(method.student_bank.items[:32], expected_keys.detach(), atol=1e-5)
     assert torch.allclose(method.teacher_bank.items[:32], F.normalize(teacher(x), dim=1), atol=1e-6)
     # EMA: m <- 0.5 m + 0.5 p, after the optimiser step
-    for online, ema, old in ((method.backbone, method.momentum_backbone, ema_before[0]),
-                             (method.head, method.momentum_head, ema_before[1])):
+    for online, ema, old in (
+        (method.backbone, method.momentum_backbone, ema_before[0]),
+        (method.head, method.momentum_head, ema_before[1]),
+    ):
         for p, m, o in zip(online.parameters(), ema.parameters(), old.parameters()):
             assert torch.allclose(m, 0.5 * o + 0.5 * p.detach(), atol=1e-6)
-    assert any(not torch.equal(m, o) for m, o in zip(method.momentum_head.parameters(),
-                                                      ema_before[1].parameters()))
+    assert any(not torch.equal(m, o) for m, o in zip(method.momentum_head.parameters(), ema_before[1].parameters()))
 
 
 @pytest.mark.parametrize("variant", ["1q", "2q"])
@@ -135,8 +135,12 @@ def test_the_official_2q_setting_uses_raw_features_and_crop_and_flip():
     from kt_edge.models.backbones import build_backbone
 
     teacher = FrozenTeacher(build_backbone("resnet18", 32), torch.device("cpu"))
-    method = Compress(build_backbone("alexnet", 32), teacher,
-                      {"variant": "2q", "bank": 16, "student_head": "none", "augment": "crop_flip"}, n_images=64)
+    method = Compress(
+        build_backbone("alexnet", 32),
+        teacher,
+        {"variant": "2q", "bank": 16, "student_head": "none", "augment": "crop_flip"},
+        n_images=64,
+    )
     assert isinstance(method.head, torch.nn.Identity) and method.student_bank.items.shape == (16, 256)
     assert method.teacher_bank.items.shape == (16, 512)
     steps = [type(t) for t in method.train_transform(32).transforms]

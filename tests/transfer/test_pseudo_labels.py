@@ -7,10 +7,10 @@ from transfer_kit import sample_batch, tiny_backbone, train_steps
 
 from kt_edge.data.feed import SeededViews
 from kt_edge.data.sources import ArrayImages
+from kt_edge.engine.method import Needs
 from kt_edge.features import embed
 from kt_edge.kmeans import fit_clusters
 from kt_edge.transfer.pseudo_labels import ClusterBalanced, ClusterTransfer
-from kt_edge.engine.method import Needs
 
 
 def test_loss_falls_on_real_images_with_teacher_pseudo_labels():

@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from transfer_kit import sample_batch, tiny_backbone, train_steps
 
+from kt_edge.engine.method import Needs
 from kt_edge.features import extract
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.transfer.cached_teacher import CachedTeacher
 from kt_edge.transfer.regress import Regress, regress_loss
-from kt_edge.engine.method import Needs
 
 
 def test_regress_loss_is_two_minus_two_cosine_of_the_normalised_vectors():
@@ -35,8 +35,13 @@ def test_loss_falls_over_a_few_steps():
 def test_cached_features_are_looked_up_by_the_index_in_the_label_slot(tmp_path):
     x, _ = sample_batch()
     features = torch.randn(50, 24)
-    store = extract(torch.nn.Identity(), TensorDataset(features, torch.full((50,), -1)), tmp_path / "f",
-                    shard_size=16, progress=False)
+    store = extract(
+        torch.nn.Identity(),
+        TensorDataset(features, torch.full((50,), -1)),
+        tmp_path / "f",
+        shard_size=16,
+        progress=False,
+    )
     teacher = CachedTeacher(store, torch.device("cpu"))
     assert len(teacher) == 50 and teacher.embed_dim == 24
     indices = torch.tensor([3, 49, 0, 17])

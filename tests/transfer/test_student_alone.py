@@ -3,12 +3,12 @@
 import pytest
 from sample_kit import tiny_recipe_dict
 
+from kt_edge.engine.method import Needs
 from kt_edge.errors import RecipeError
 from kt_edge.models.checkpoint import read_sidecar
+from kt_edge.recipe import recipe_from_dict
 from kt_edge.stages.distill import distill
 from kt_edge.stages.inputs import distill_needs, student_inputs
-from kt_edge.recipe import recipe_from_dict
-from kt_edge.engine.method import Needs
 
 ALONE = {"method": "moco", "options": {"queue": 64, "hidden": 64, "dim": 32, "momentum": 0.99}}
 
@@ -23,9 +23,12 @@ def test_a_student_trains_alone_without_any_teacher(tmp_path):
 
 def test_the_baseline_ignores_the_teacher_section_but_distillation_does_not(tmp_path):
     def inputs(**distill_section):
-        return [student_inputs(recipe_from_dict(tiny_recipe_dict(tmp_path, distill=distill_section,
-                                                                 teacher={"arch": arch})))
-                for arch in ("resnet18", "alexnet")]
+        return [
+            student_inputs(
+                recipe_from_dict(tiny_recipe_dict(tmp_path, distill=distill_section, teacher={"arch": arch}))
+            )
+            for arch in ("resnet18", "alexnet")
+        ]
 
     alone = inputs(**ALONE)
     assert alone[0] == alone[1]

@@ -32,8 +32,13 @@ FAST = {"train": {"epochs": 1, "max_steps": 1, "batch_size": 32, "lr": 0.05}}
 def test_seed_learns_the_space_the_recipe_names(tmp_path, space, dim, one_thread):
     """A MoCo teacher (an AlexNet, head 256 -> 32): its head is saved with it, and SEED's student head maps to the
     space distilled, which the student's sidecar records."""
-    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, teacher={"arch": "alexnet", **FAST}, distill={
-        **FAST, "options": {"queue": 64, "hidden": 64, "teacher_space": space}}))
+    recipe = recipe_from_dict(
+        tiny_recipe_dict(
+            tmp_path,
+            teacher={"arch": "alexnet", **FAST},
+            distill={**FAST, "options": {"queue": 64, "hidden": 64, "teacher_space": space}},
+        )
+    )
     head = load_projection(train_teacher(recipe))
     assert head is not None and head[-1].out_features == 32
     card = read_sidecar(distill(recipe))
@@ -41,8 +46,11 @@ def test_seed_learns_the_space_the_recipe_names(tmp_path, space, dim, one_thread
 
 
 def test_a_teacher_without_a_head_is_distilled_in_its_backbone_space_with_a_warning(tmp_path, caplog, one_thread):
-    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, teacher={"arch": "alexnet", "method": "rotation",
-                                                                  "options": {}, **FAST}, distill=FAST))
+    recipe = recipe_from_dict(
+        tiny_recipe_dict(
+            tmp_path, teacher={"arch": "alexnet", "method": "rotation", "options": {}, **FAST}, distill=FAST
+        )
+    )
     assert recipe.distill.options["teacher_space"] == "head"  # the default
     train_teacher(recipe)
     with caplog.at_level(logging.WARNING):

@@ -15,12 +15,12 @@ from transfer_kit import read_centroids
 from typer.testing import CliRunner
 
 from kt_edge.cli import app
+from kt_edge.engine.method import Needs
 from kt_edge.features import FeatureStore
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import read_sidecar, save_backbone
-from kt_edge.stages.inputs import distill_needs, student_inputs, teacher_inputs
 from kt_edge.recipe import load_recipe, recipe_from_dict
-from kt_edge.engine.method import Needs
+from kt_edge.stages.inputs import distill_needs, student_inputs, teacher_inputs
 
 runner = CliRunner()
 K = 6
@@ -31,15 +31,20 @@ def invoke(*args):
 
 
 def recipe_dict(root, **sections):
-    data = tiny_recipe_dict(root / "runs", teacher={"arch": "alexnet"},
-                            distill={"method": "cluster", "options": {"balanced": True},
-                                     "train": {"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05, "log_every": 1}},
-                            **sections)
+    data = tiny_recipe_dict(
+        root / "runs",
+        teacher={"arch": "alexnet"},
+        distill={
+            "method": "cluster",
+            "options": {"balanced": True},
+            "train": {"epochs": 1, "max_steps": 2, "batch_size": 16, "lr": 0.05, "log_every": 1},
+        },
+        **sections,
+    )
     data["data"]["train"]["subset"] = 96
     data["data"]["test"]["subset"] = 40
     data["data"]["image_size"] = 16  # the smallest size a recipe takes: a quarter of the compute of 32 px
-    data["cluster"] = {"k": K, "use_gpu": False,
-                       "assign_to": {"path": str(SAMPLE / "test"), "subset": 48}}
+    data["cluster"] = {"k": K, "use_gpu": False, "assign_to": {"path": str(SAMPLE / "test"), "subset": 48}}
     return data
 
 
@@ -51,10 +56,18 @@ def run(tmp_path_factory):
     path.write_text(yaml.safe_dump(recipe_dict(root)))
     recipe = load_recipe(path)
     torch.manual_seed(0)
-    save_backbone(build_backbone("alexnet", 16), recipe.run_dir / "teacher", stage="teacher", method="random-init",
-                  inputs=teacher_inputs(recipe))
-    outputs = {"features": invoke("features", path), "features-test": invoke("features", path, "--split", "test"),
-               "cluster": invoke("cluster", path)}
+    save_backbone(
+        build_backbone("alexnet", 16),
+        recipe.run_dir / "teacher",
+        stage="teacher",
+        method="random-init",
+        inputs=teacher_inputs(recipe),
+    )
+    outputs = {
+        "features": invoke("features", path),
+        "features-test": invoke("features", path, "--split", "test"),
+        "cluster": invoke("cluster", path),
+    }
     return path, recipe.run_dir, outputs
 
 
@@ -113,8 +126,9 @@ def test_distill_cluster_trains_on_the_pseudo_labelled_set(run):
 
 def test_distill_with_cached_teacher_features(run):
     path, run_dir, _ = run
-    result = invoke("distill", path, "-s", "distill.method=regress",
-                    "-s", "distill.options={teacher_features: cached, hidden: 32}")
+    result = invoke(
+        "distill", path, "-s", "distill.method=regress", "-s", "distill.options={teacher_features: cached, hidden: 32}"
+    )
     assert result.exit_code == 0, result.output
     card = read_sidecar(run_dir / "student")
     assert card["method"] == "regress" and card["steps"] == 2
@@ -137,10 +151,13 @@ def test_what_distill_needs_decides_the_extra_stages(tmp_path):
     cluster = recipe_from_dict(base)
     seed = recipe_from_dict(base, ["distill.method=seed", "distill.options={queue: 32}"])
     cached = recipe_from_dict(base, ["distill.method=compress", "distill.options={teacher_features: cached}"])
-    assert (distill_needs(cluster), distill_needs(seed), distill_needs(cached)) == (Needs.PSEUDO_LABELS, Needs.TEACHER,
-                                                                                    Needs.FEATURES)
+    assert (distill_needs(cluster), distill_needs(seed), distill_needs(cached)) == (
+        Needs.PSEUDO_LABELS,
+        Needs.TEACHER,
+        Needs.FEATURES,
+    )
     # the cluster section is an input of the student only when the student learns pseudo-labels
     assert student_inputs(cluster) != student_inputs(recipe_from_dict(base, ["cluster.k=7"]))
-    assert student_inputs(seed) == student_inputs(recipe_from_dict(base, ["distill.method=seed",
-                                                                          "distill.options={queue: 32}",
-                                                                          "cluster.k=7"]))
+    assert student_inputs(seed) == student_inputs(
+        recipe_from_dict(base, ["distill.method=seed", "distill.options={queue: 32}", "cluster.k=7"])
+    )

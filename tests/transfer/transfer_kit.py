@@ -21,9 +21,16 @@ SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "cifar10"
 
 def tiny_backbone(dim: int = 32) -> Backbone:
     """A two-conv network behind the real ``Backbone`` interface: the methods run unchanged, in milliseconds."""
-    body = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    body = nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, dim, 3, stride=2, padding=1),
+        nn.BatchNorm2d(dim),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     return Backbone("tiny", 32, body, dim)
 
 
@@ -57,6 +64,9 @@ def read_centroids(path: Path) -> ClusterModel:
     assert doc["format"] == "kt-edge-centroids" and centroids.shape == (doc["k"], doc["dim"])
     spec, pca = doc["preprocess"], None
     if spec["pca"] is not None:
-        pca = PCAWhitening(np.load(path.with_name(spec["pca"]["A"])), np.load(path.with_name(spec["pca"]["b"])),
-                           spec["pca"]["eigen_power"])
+        pca = PCAWhitening(
+            np.load(path.with_name(spec["pca"]["A"])),
+            np.load(path.with_name(spec["pca"]["b"])),
+            spec["pca"]["eigen_power"],
+        )
     return ClusterModel(centroids, Preprocessing(pca, spec["l2_normalize"]), doc["meta"])

@@ -49,8 +49,11 @@ def open_backend(
         if dla_core is not None:
             raise ValueError("--dla-core needs --backend tensorrt")
         return OrtBackend(
-            os.path.join(bundle_dir, entry.file), providers, input_name=entry.input_name,
-            output_name=entry.output_name, exact_int8=entry.full_range_int8,
+            os.path.join(bundle_dir, entry.file),
+            providers,
+            input_name=entry.input_name,
+            output_name=entry.output_name,
+            exact_int8=entry.full_range_int8,
         )
     if backend == "tensorrt":
         from .tensorrt import TrtBackend, find_engine

@@ -154,22 +154,34 @@ class EngineInfo:
             data["compute_capability"] = tuple(int(v) for v in data["compute_capability"])
             info = cls(**data)
             ints = [info.min_batch, info.opt_batch, info.max_batch, info.workspace_mib, *info.compute_capability]
-            texts = [info.precision, info.onnx_file, info.onnx_sha256, info.input_name, info.output_name,
-                     info.tensorrt, info.gpu]
-            if (not all(isinstance(v, int) and not isinstance(v, bool) for v in ints)
-                    or not all(isinstance(v, str) for v in texts)
-                    or not (info.dla_core is None or isinstance(info.dla_core, int))):
+            texts = [
+                info.precision,
+                info.onnx_file,
+                info.onnx_sha256,
+                info.input_name,
+                info.output_name,
+                info.tensorrt,
+                info.gpu,
+            ]
+            if (
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in ints)
+                or not all(isinstance(v, str) for v in texts)
+                or not (info.dla_core is None or isinstance(info.dla_core, int))
+            ):
                 raise TypeError("a field has the wrong type")
         except (UnicodeDecodeError, ValueError, TypeError, KeyError, RecursionError) as exc:
-            raise BackendError(f"engine sidecar {sidecar.name} is malformed ({exc}): rebuild it with build-engine")
+            raise BackendError(
+                f"engine sidecar {sidecar.name} is malformed ({exc}): rebuild it with build-engine"
+            ) from None
         return info
 
     def write(self, engine: Path) -> None:
         write_bytes(engine.with_suffix(".json"), (json.dumps(asdict(self), indent=2) + "\n").encode())
 
 
-def _profile(precision: str, min_batch: int, opt_batch: int, max_batch: int,
-             dla_core: int | None) -> tuple[int, int, int]:
+def _profile(
+    precision: str, min_batch: int, opt_batch: int, max_batch: int, dla_core: int | None
+) -> tuple[int, int, int]:
     """The (min, opt, max) batch of the engine's profile; on DLA all three are opt_batch (one fixed shape)."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
@@ -254,8 +266,10 @@ def build_engine(
     cache_file = timing_cache_path(bundle_dir, target)
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
-        print(f"kt-edge-runtime: timing cache {cache_file.name} does not fit this device: starting a new one",
-              file=sys.stderr)
+        print(
+            f"kt-edge-runtime: timing cache {cache_file.name} does not fit this device: starting a new one",
+            file=sys.stderr,
+        )
         if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
             raise BackendError("TensorRT refused an empty timing cache")
 
@@ -344,8 +358,12 @@ class TrtBackend:
         self._cudart = cudart
 
     def kernels(self, batch: np.ndarray) -> dict:
-        return {"engine": self.path.name, "target": self.info.target.describe(), "dla_core": self.info.dla_core,
-                "batch": [self.info.min_batch, self.info.opt_batch, self.info.max_batch]}
+        return {
+            "engine": self.path.name,
+            "target": self.info.target.describe(),
+            "dla_core": self.info.dla_core,
+            "batch": [self.info.min_batch, self.info.opt_batch, self.info.max_batch],
+        }
 
     def _ensure_buffers(self, in_bytes: int, out_bytes: int) -> None:
         cudart = self._cudart
