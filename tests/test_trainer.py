@@ -1,11 +1,12 @@
 import json
+import signal
 
 import pytest
 import torch
 from sample_kit import SAMPLE
 
 from kt_edge.data.sources import open_images
-from kt_edge.engine.trainer import train
+from kt_edge.engine.trainer import stop_signals, train
 from kt_edge.errors import DataError, TrainingError
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.frozen import FrozenTeacher
@@ -251,3 +252,16 @@ def test_sync_batchnorm_follows_the_method_on_gpus_under_torchrun(monkeypatch):
     assert not use_sync_batchnorm(_cfg(sync_batchnorm=False), simclr, cuda)
     with pytest.raises(KtEdgeError, match="sync_batchnorm true needs GPUs"):
         use_sync_batchnorm(_cfg(sync_batchnorm=True), simclr, CPU)
+
+
+def test_a_stop_signal_the_loop_could_not_act_on_is_passed_on():
+    """Once, a SIGTERM during a run's final save was swallowed: the campaign ran on past its budget."""
+    heard = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: heard.append(signum))
+    try:
+        with stop_signals() as flag:
+            signal.raise_signal(signal.SIGTERM)  # after the loop's last check
+            assert flag["signal"] == "SIGTERM" and heard == []
+        assert heard == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

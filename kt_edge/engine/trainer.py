@@ -89,7 +89,8 @@ def use_sync_batchnorm(cfg, method: torch.nn.Module, device: torch.device) -> bo
 
 @contextmanager
 def stop_signals():
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step (main thread only). A signal that came
+    after the loop's last check (the final save, the workers' shutdown) is passed on to the handler before."""
     flag = {"signal": None}
 
     def handler(signum, _frame):
@@ -99,11 +100,15 @@ def stop_signals():
         previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
         previous = {}
+    unheard = None
     try:
         yield flag
+        unheard = flag["signal"]  # the loop ended normally, so it never acted on it
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+    if unheard is not None:
+        signal.raise_signal(signal.Signals[unheard])
 
 
 def train(
