@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kt_edge.errors import RunDirBusy
-
-LOCK = ".lock"
+from kt_edge.run_dir import RunDir
 
 
 @contextmanager
@@ -33,7 +32,7 @@ def hold(run_dir: Path, command: str) -> Iterator[None]:
         return
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK
+    path = RunDir(run_dir).lock
     fd, verified = _acquire(path)
     try:
         previous = _holder(fd)

@@ -53,6 +53,8 @@ def test_no_module_of_kt_edge_imports_itself_back():
         ("kt_edge.engine", "kt_edge.stages"),
         ("kt_edge.models", "kt_edge.stages"),
         ("kt_edge.kmeans", "kt_edge.evaluate"),
+        ("kt_edge.data", "kt_edge.evaluate"),
+        ("kt_edge.export", "kt_edge.stages"),
     ],
 )
 def test_lower_layers_never_import_higher_ones(low, high):

@@ -15,13 +15,12 @@ Transfer runs the same protocols on a labelled dataset not used for training, pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import zip_longest
 
 import numpy as np
 import torch
 
-from kt_edge.data.augment import eval_transform
-from kt_edge.data.sources import Images, open_source
+from kt_edge.data.labelled import class_mismatch, labelled_pair
+from kt_edge.data.sources import Images
 from kt_edge.errors import DataError
 from kt_edge.evaluate.clusters import cluster_alignment
 from kt_edge.evaluate.knn import KnnSetting, knn_classify
@@ -125,11 +124,6 @@ def _classes(dataset) -> list[str] | None:
     return getattr(dataset, "classes", None)
 
 
-def _first_difference(a: list[str], b: list[str]) -> str:
-    """'class 3 is 'cat' vs 'dog'' for the first position where two differing class lists disagree."""
-    return next(f"class {i} is {x!r} vs {y!r}" for i, (x, y) in enumerate(zip_longest(a, b)) if x != y)
-
-
 def evaluate_model_detailed(
     model: torch.nn.Module,
     bank_set,
@@ -142,11 +136,10 @@ def evaluate_model_detailed(
 ) -> Evaluation:
     """Embed the bank (when a protocol needs it) and the test split once, then run every protocol of ``cfg``."""
     bank_classes, test_classes = _classes(bank_set), _classes(test_set)
-    if bank_classes is not None and test_classes is not None and bank_classes != test_classes:
-        raise DataError(
-            f"classes differ between the bank ({len(bank_classes)} classes) and the test split "
-            f"({len(test_classes)} classes): {_first_difference(bank_classes, test_classes)}"
-        )
+    if bank_classes is not None and test_classes is not None:
+        mismatch = class_mismatch("the bank", bank_classes, "the test split", test_classes)
+        if mismatch:
+            raise DataError(mismatch)
     needs_bank = _needs_bank(cfg.protocols)
     if needs_bank:
         _check_sizes(cfg, len(bank_set))
@@ -170,21 +163,6 @@ def evaluate_model(
 ) -> dict[str, float]:
     """Flat metrics of one model, e.g. {'knn_k200_t0.1': 81.2, 'linear_top1': 84.0, 'cluster_nmi': 0.41}."""
     return evaluate_model_detailed(model, bank_set, test_set, cfg, seed, device, workers).metrics
-
-
-def labelled_pair(train_source, test_source, image_size: int, seed: int = 0) -> tuple[Images, Images]:
-    """Open a (bank, scored) pair of recipe DataSources: both labelled, same classes, eval transform applied."""
-    train_set, test_set = open_source(train_source, seed), open_source(test_source, seed)
-    for split in (train_set, test_set):
-        if not split.labelled:
-            raise DataError(f"{split.name}: evaluation needs labels (an ImageFolder tree or CIFAR-10 pickles)")
-    if train_set.classes != test_set.classes:
-        raise DataError(
-            f"classes differ between {train_set.name} and {test_set.name}: "
-            f"{_first_difference(train_set.classes, test_set.classes)}"
-        )
-    transform = eval_transform(image_size)
-    return train_set.with_transform(transform), test_set.with_transform(transform)
 
 
 def transfer_splits(cfg: EvalConfig, image_size: int, seed: int = 0) -> tuple[Images, Images] | None:

@@ -26,6 +26,7 @@ from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix
 
 from kt_edge import atomic
+from kt_edge.data.labelled import labelled_pair
 from kt_edge.engine.metrics import read_records
 from kt_edge.errors import DataError, KtEdgeError
 from kt_edge.evaluate.compare import (
@@ -39,11 +40,11 @@ from kt_edge.evaluate.compare import (
     read_results,
 )
 from kt_edge.evaluate.knn import KnnSetting, l2_normalize
-from kt_edge.evaluate.protocols import Evaluation, evaluate_model_detailed, labelled_pair
+from kt_edge.evaluate.protocols import Evaluation, evaluate_model_detailed
 from kt_edge.models.checkpoint import load_backbone
 from kt_edge.recipe import DataConfig, EvalConfig, KnnConfig
+from kt_edge.run_dir import RunDir
 
-HTML_NAME, MD_NAME = "report.html", "report.md"
 MAP_PCA_DIMS = 50  # t-SNE on a PCA projection, the usual speed-up that keeps neighbourhoods
 
 
@@ -108,7 +109,7 @@ def _loss(record: dict) -> str:
 
 def _training(run_dir: Path) -> Section:
     section = Section("training", "Training curves")
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         section.missing = "no metrics.jsonl: no stage was trained in this run"
         return section
@@ -197,7 +198,7 @@ def _recompute(
     evaluations, knn_error = {}, "no student checkpoint"
     for stage in ("teacher", "student") if map_points else ("student",):
         try:
-            model, _ = load_backbone(run_dir / stage)
+            model, _ = load_backbone(RunDir(run_dir).model(stage))
         except KtEdgeError:
             continue
         if stage == "student":
@@ -341,7 +342,7 @@ def _export(run_dir: Path) -> Section:
         section.missing = "no bundle/manifest.json: run `kt-edge export` first"
         return section
     try:
-        load_bundle(run_dir / "bundle")
+        load_bundle(RunDir(run_dir).bundle)
         integrity = "every file matches its sha256"
     except BundleError as exc:
         integrity = f"FAILED: {exc}"
@@ -441,7 +442,7 @@ def _render_html(name: str, created: str, sections: list[Section]) -> str:
 
 
 def _render_md(name: str, created: str, sections: list[Section]) -> str:
-    parts = [f"# kt-edge report: {name}\n", f"Generated {created}; figures are in {HTML_NAME}.\n"]
+    parts = [f"# kt-edge report: {name}\n", f"Generated {created}; figures are in report.html.\n"]
     for s in sections:
         parts.append(f"## {s.title}\n")
         parts.extend([f"_missing: {s.missing}_\n"] if s.missing else s.md)
@@ -483,7 +484,7 @@ def write_report(
         _latency(run_dir),
     ]
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    html_path, md_path = run_dir / HTML_NAME, run_dir / MD_NAME
+    html_path, md_path = RunDir(run_dir).report_html, RunDir(run_dir).report_md
     atomic.write_text(html_path, _render_html(run_dir.name, created, sections))
     atomic.write_text(md_path, _render_md(run_dir.name, created, sections))
     return html_path, md_path

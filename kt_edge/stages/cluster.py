@@ -16,6 +16,7 @@ from kt_edge.errors import DataError
 from kt_edge.evaluate.clusters import cluster_report
 from kt_edge.kmeans import fit_clusters, save_centroids
 from kt_edge.recipe import Recipe
+from kt_edge.run_dir import RunDir
 from kt_edge.stages.features import features_stage
 from kt_edge.stages.inputs import cluster_inputs, console, prepare, training_images
 from kt_edge.transfer import DISTILLERS
@@ -27,8 +28,7 @@ def cluster_stage(recipe: Recipe) -> Path:
     Writes clusters/centroids.npy (+ sidecar), pseudo_labels.npy (int64, one per image in dataset
     order) and report.json last, which marks the stage complete.
     """
-    run_dir = prepare(recipe)
-    out, inputs, cfg = run_dir / "clusters", cluster_inputs(recipe), recipe.cluster
+    out, inputs, cfg = prepare(recipe).clusters, cluster_inputs(recipe), recipe.cluster
     report_path = out / "report.json"
     done = (
         report_path.is_file()
@@ -110,6 +110,6 @@ def pseudo_labelled(recipe: Recipe) -> Images:
     if len(labels) != len(images):
         raise DataError(
             f"{len(labels)} pseudo-labels for {len(images)} images of {images.name}: "
-            f"delete {recipe.run_dir / 'clusters'} and run again"
+            f"delete {RunDir(recipe.run_dir).clusters} and run again"
         )
     return DISTILLERS[recipe.distill.method].training_set(images, labels, recipe.distill.options)

@@ -48,13 +48,13 @@ def frozen_teacher(teacher_dir: Path, space: str, device: torch.device) -> Froze
 
 
 def distill(recipe: Recipe, resume: bool = False) -> Path:
-    run_dir = prepare(recipe)
-    out = run_dir / "student"
+    run = prepare(recipe)
+    out = run.student
     inputs = student_inputs(recipe)
     if up_to_date(out, inputs):
         console.print(f"student: up to date in {out}")
         return out
-    teacher_dir = run_dir / "teacher"
+    teacher_dir = run.teacher
     cfg = recipe.distill
     needs, extra = distill_needs(recipe), {}
     if needs is not Needs.NOTHING and not up_to_date(teacher_dir, teacher_inputs(recipe)):
@@ -70,7 +70,7 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
         if len(teacher) != len(data):
             raise DataError(
                 f"{len(teacher)} cached teacher features for {len(data)} images of data.train: "
-                f"delete {run_dir / 'features' / 'train'} and run again"
+                f"delete {run.features('train')} and run again"
             )
         data = data.with_labels(np.arange(len(data)))
     else:

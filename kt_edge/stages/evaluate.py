@@ -20,8 +20,8 @@ def evaluate(recipe: Recipe) -> dict:
     written to eval/results.json as {model: {metric: value}}."""
     from kt_edge.evaluate.protocols import evaluate_model, evaluate_transfer, transfer_splits
 
-    run_dir = prepare(recipe)
-    results_path, stamp = run_dir / "eval" / "results.json", run_dir / "eval" / "inputs.txt"
+    run = prepare(recipe)
+    results_path, stamp = run.results, run.eval / "inputs.txt"
     inputs = eval_inputs(recipe)
     if results_path.is_file() and stamp.is_file() and stamp.read_text() == inputs:
         console.print(f"eval: up to date in {results_path}")
@@ -30,14 +30,14 @@ def evaluate(recipe: Recipe) -> dict:
     train_set, test_set = labelled_splits(recipe)
     device = resolve_device(recipe.device)
     models = {}
-    for name, folder in (("teacher", run_dir / "teacher"), ("student", run_dir / "student")):
+    for name, folder in (("teacher", run.teacher), ("student", run.student)):
         if (name != "teacher" or recipe.eval.teacher) and read_sidecar(folder) is not None:
             models[name] = load_backbone(folder)[0]
     if recipe.eval.baseline:
         torch.manual_seed(recipe.seed)
         models["random_init"] = build_backbone(recipe.distill.student, recipe.data.image_size)
     if not models:
-        raise CheckpointError(f"nothing to evaluate in {run_dir}: train a teacher or a student first")
+        raise CheckpointError(f"nothing to evaluate in {run.root}: train a teacher or a student first")
     transfer = transfer_splits(recipe.eval, recipe.data.image_size, recipe.seed)
     results = {}
     for name, model in models.items():

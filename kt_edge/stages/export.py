@@ -17,12 +17,12 @@ from kt_edge.stages.inputs import console, export_inputs, labelled_splits, prepa
 def export(recipe: Recipe) -> dict:
     from kt_edge.export.bundle import build_bundle
 
-    run_dir = prepare(recipe)
-    student_dir = run_dir / "student"
+    run = prepare(recipe)
+    student_dir = run.student
     card = read_sidecar(student_dir)
     if card is None:
         raise CheckpointError(f"no student in {student_dir}: run `kt-edge distill` first")
-    bundle_dir, inputs = run_dir / "bundle", export_inputs(recipe)
+    bundle_dir, inputs = run.bundle, export_inputs(recipe)
     for folder in (bundle_dir, bundle_dir / "golden"):
         atomic.remove_temps(folder)  # what a killed export was writing
     done = _verified_bundle(bundle_dir)
@@ -39,7 +39,7 @@ def export(recipe: Recipe) -> dict:
         "student": card["arch"],
         **{key: card[key] for key in ("teacher_space", "teacher_dim") if key in card},
     }  # what was distilled
-    results_path = run_dir / "eval" / "results.json"
+    results_path = run.results
     if results_path.is_file():
         provenance["metrics"] = json.loads(results_path.read_text())
     return build_bundle(student_dir, bundle_dir, train_set, test_set, recipe.export, recipe.seed, provenance)

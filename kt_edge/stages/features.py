@@ -20,11 +20,11 @@ def features_stage(recipe: Recipe, split: str = "train") -> FeatureStore:
     source = {"train": recipe.data.train, "test": recipe.data.test, "assign_to": recipe.cluster.assign_to}[split]
     if source is None:
         raise DataError(f"no {FEATURE_SPLITS[split]} in the recipe: set it to extract its features")
-    run_dir = prepare(recipe)
-    teacher_dir = run_dir / "teacher"
+    run = prepare(recipe)
+    teacher_dir = run.teacher
     if not up_to_date(teacher_dir, teacher_inputs(recipe)):
         raise CheckpointError(f"no teacher for this recipe in {teacher_dir}: run `kt-edge train-teacher` first")
-    out, inputs = run_dir / "features" / split, features_inputs(recipe, split)
+    out, inputs = run.features(split), features_inputs(recipe, split)
     try:
         store = FeatureStore.open(out)
     except DataError:  # absent or unfinished: extract (finished shards of the same inputs are kept)

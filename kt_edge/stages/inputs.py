@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 
 from kt_edge import atomic
-from kt_edge.data.augment import eval_transform
 from kt_edge.data.cache import cached_source
+from kt_edge.data.labelled import labelled_pair
 from kt_edge.data.sources import Images, open_source
 from kt_edge.engine import distributed
 from kt_edge.engine.method import Needs
@@ -18,29 +18,28 @@ from kt_edge.engine.method import needs as method_needs
 from kt_edge.errors import DataError
 from kt_edge.models.checkpoint import read_sidecar
 from kt_edge.recipe import Recipe
+from kt_edge.run_dir import RunDir
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
 
 console = Console(stderr=True, markup=False)  # paths are printed as they are, brackets included
 
-RECIPE = "recipe.yaml"
 
-
-def prepare(recipe: Recipe) -> Path:
+def prepare(recipe: Recipe) -> RunDir:
     """Join torchrun's process group if there is one; create the run directory, with the resolved recipe when
     it is a new run (an existing run's recipe is rewritten only by a command that succeeded: record_recipe)."""
     distributed.init_from_env(recipe.device)
-    run_dir = recipe.run_dir
+    run = RunDir(recipe.run_dir)
     if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / RECIPE).is_file():
-            atomic.write_text(run_dir / RECIPE, recipe.to_yaml())
-    return run_dir
+        run.root.mkdir(parents=True, exist_ok=True)
+        if not run.recipe.is_file():
+            atomic.write_text(run.recipe, recipe.to_yaml())
+    return run
 
 
 def record_recipe(recipe: Recipe) -> None:
     """Make the run's recipe.yaml the recipe of a command that succeeded (what report and compare read)."""
-    path, text = recipe.run_dir / RECIPE, recipe.to_yaml()
+    path, text = RunDir(recipe.run_dir).recipe, recipe.to_yaml()
     if distributed.is_main() and recipe.run_dir.is_dir() and not (path.is_file() and path.read_text() == text):
         atomic.write_text(path, text)
 
@@ -104,7 +103,7 @@ FEATURE_SPLITS = {"train": "data.train", "test": "data.test", "assign_to": "clus
 
 def eval_inputs(recipe: Recipe) -> str:
     """What eval/results.json depends on: the splits, the eval section, and the models it scores."""
-    cards = [read_sidecar(recipe.run_dir / name) or {} for name in ("teacher", "student")]
+    cards = [read_sidecar(RunDir(recipe.run_dir).model(name)) or {} for name in ("teacher", "student")]
     return _combine(
         recipe.digest("seed", "data.train", "data.test", "data.image_size", "eval", "distill.student"),
         *(card.get("inputs") for card in cards),
@@ -114,8 +113,8 @@ def eval_inputs(recipe: Recipe) -> str:
 def export_inputs(recipe: Recipe) -> str:
     """What the bundle depends on: the student, the splits parity is measured on, the export section, and the
     evaluation results it carries as provenance."""
-    card = read_sidecar(recipe.run_dir / "student") or {}
-    results = recipe.run_dir / "eval" / "results.json"
+    run = RunDir(recipe.run_dir)
+    card, results = read_sidecar(run.student) or {}, run.results
     return _combine(
         recipe.digest(
             "seed",
@@ -148,22 +147,4 @@ def labelled_splits(recipe: Recipe) -> tuple[Images, Images]:
     """The k-NN bank (train split) and the scored split, both labelled and with the same classes."""
     if recipe.data.test is None:
         raise DataError("evaluation needs a labelled split: set data.test in the recipe")
-    train_set = open_source(recipe.data.train, recipe.seed)
-    test_set = open_source(recipe.data.test, recipe.seed)
-    for split in (train_set, test_set):
-        if not split.labelled:
-            raise DataError(f"{split.name}: evaluation needs labels (an ImageFolder tree or CIFAR-10 pickles)")
-    if train_set.classes != test_set.classes:
-        only_train = sorted(set(train_set.classes) - set(test_set.classes))
-        only_test = sorted(set(test_set.classes) - set(train_set.classes))
-        raise DataError(
-            f"classes differ between {train_set.name} ({len(train_set.classes)}) and "
-            f"{test_set.name} ({len(test_set.classes)}): only in the first {_few(only_train)}, "
-            f"only in the second {_few(only_test)}"
-        )
-    transform = eval_transform(recipe.data.image_size)
-    return train_set.with_transform(transform), test_set.with_transform(transform)
-
-
-def _few(names: list[str]) -> str:
-    return "[" + ", ".join(names[:5]) + (f", ... {len(names)} in all" if len(names) > 5 else "") + "]"
+    return labelled_pair(recipe.data.train, recipe.data.test, recipe.data.image_size, recipe.seed)

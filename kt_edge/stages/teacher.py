@@ -18,7 +18,7 @@ from kt_edge.teachers import TEACHERS
 
 def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
     """The teacher (with its projection head where it has one) in runs/<name>/teacher/; rank 0 writes it."""
-    out = prepare(recipe) / "teacher"
+    out = prepare(recipe).teacher
     inputs = teacher_inputs(recipe)
     done = up_to_date(out, inputs)
     distributed.barrier()  # every rank has looked before rank 0 rewrites

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kt_edge.data.feed import resolve_augment
 from kt_edge.engine.device import resolve_device
 from kt_edge.engine.trainer import train
+from kt_edge.run_dir import RunDir
 
 
 def train_stage(recipe, method, data, cfg, out, stage, resume, inputs):
@@ -25,6 +26,6 @@ def train_stage(recipe, method, data, cfg, out, stage, resume, inputs):
         workers=recipe.data.workers,
         resume=resume,
         fingerprint=inputs if path == "per_sample" else f"{inputs}+{path}",  # a resume keeps its data path
-        metrics_path=recipe.run_dir / "metrics.jsonl",
+        metrics_path=RunDir(recipe.run_dir).metrics,
         augment=augment,
     )

@@ -149,8 +149,13 @@ def test_input_problems_are_one_line_data_errors():
         evaluate_model(model, bank, test, EvalConfig(), device="cpu")
     assert model.images == 0  # refused before any embedding
     other = Vectors(x[100:], y[100:], ["a", "b", "dog"])
-    with pytest.raises(DataError, match=r"classes differ .*: class 2 is 'c' vs 'dog'$"):
+    with pytest.raises(
+        DataError, match=r"^classes differ .* \(3\) .*: only in the first \[c\], only in the second \[dog\]$"
+    ):
         evaluate_model(model, bank, other, _cfg(), device="cpu")
+    shuffled = Vectors(x[100:], y[100:], ["b", "a", "c"])  # a label id would name another class
+    with pytest.raises(DataError, match=r": the same classes in another order: class 0 is 'a' vs 'b'$"):
+        evaluate_model(model, bank, shuffled, _cfg(), device="cpu")
     with pytest.raises(DataError, match="labelled test split"):
         run_protocols(x[:100], y[:100], x[100:], -np.ones(20, np.int64), _cfg())
     skewed = np.r_[np.zeros(299, np.int64), [1]]  # 1% of 300 labels over 2 classes needs 2 of class 1
@@ -232,5 +237,7 @@ def test_transfer_scores_another_labelled_dataset(tmp_path):
     cfg.transfer.test = DataSource(
         path=_colour_folder(tmp_path / "other", {"red": COLOURS["red"], "grey": (128,) * 3}, 2, seed=2)
     )
-    with pytest.raises(DataError, match="classes differ between .*: class 0 is 'blue' vs 'grey'"):
+    with pytest.raises(
+        DataError, match=r"classes differ between .*: only in the first \[blue, green\], only in the second \[grey\]"
+    ):
         evaluate_transfer(model, cfg, image_size=16)

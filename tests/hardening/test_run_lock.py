@@ -18,6 +18,7 @@ from sample_kit import SAMPLE, tiny_recipe_dict
 
 from kt_edge import run_lock
 from kt_edge.errors import RunDirBusy
+from kt_edge.run_dir import RunDir
 
 TEACHER = {
     "arch": "alexnet",
@@ -78,8 +79,8 @@ def test_under_torchrun_only_rank_0_holds_the_run_directory(tmp_path, monkeypatc
                 pass
         monkeypatch.setenv("RANK", "1")  # another rank of the same torchrun job
         with run_lock.hold(tmp_path, "run"):
-            assert json.loads((tmp_path / run_lock.LOCK).read_text())["command"] == "run"  # rank 0's, untouched
-    assert not (tmp_path / run_lock.LOCK).exists()
+            assert json.loads(RunDir(tmp_path).lock.read_text())["command"] == "run"  # rank 0's, untouched
+    assert not RunDir(tmp_path).lock.exists()
 
 
 def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
@@ -91,13 +92,13 @@ def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr(fcntl, "flock", no_locks)
     holder = {"command": "distill", "pid": os.getppid(), "host": socket.gethostname()}
-    (tmp_path / run_lock.LOCK).write_text(json.dumps(holder))
+    RunDir(tmp_path).lock.write_text(json.dumps(holder))
     with pytest.raises(RunDirBusy, match=f"`kt-edge distill` \\(PID {os.getppid()} on host"):
         with run_lock.hold(tmp_path, "eval"):
             pass
     ended = subprocess.Popen(["true"])
     ended.wait()
-    (tmp_path / run_lock.LOCK).write_text(json.dumps({**holder, "pid": ended.pid}))
+    RunDir(tmp_path).lock.write_text(json.dumps({**holder, "pid": ended.pid}))
     with pytest.warns(UserWarning, match=f"took over the lock of `kt-edge distill` \\(PID {ended.pid} "):
         with run_lock.hold(tmp_path, "eval"):
-            assert json.loads((tmp_path / run_lock.LOCK).read_text())["pid"] == os.getpid()
+            assert json.loads(RunDir(tmp_path).lock.read_text())["pid"] == os.getpid()
