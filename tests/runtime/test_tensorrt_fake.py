@@ -254,3 +254,28 @@ def test_build_engine_checks_the_bundle_before_tensorrt(bundle_copy, capsys, mon
     line = one_error_line(capsys)
     assert "golden/outputs.npy" in line and "TensorRT" not in line
     assert Path(bundle_copy / "engines").exists() is False
+
+
+@pytest.mark.parametrize(
+    "precision, batches, dla_core, builder_flags, trtexec_flags",
+    [
+        ("fp32", (1, 4, 16), None, set(), {"--noTF32"}),
+        ("int8", (2, 8, 32), None, {"int8", "fp16"}, {"--int8", "--fp16"}),
+        ("fp16", (1, 8, 32), 1, {"fp16", "gpu-fallback"}, {"--fp16", "--useDLACore=1", "--allowGPUFallback"}),
+    ],
+)
+def test_build_engine_and_trtexec_build_the_same_engine(
+    trt, bundle_copy, precision, batches, dla_core, builder_flags, trtexec_flags
+):
+    from kt_edge_runtime.backends.tensorrt import build_engine, trtexec_command
+
+    lo, opt, hi = batches
+    args = dict(min_batch=lo, opt_batch=opt, max_batch=hi, workspace_mib=512, dla_core=dla_core)
+    path = build_engine(bundle_copy, precision, **args)
+    command = trtexec_command(bundle_copy, precision, **args).split()
+    options = dict(a[2:].split("=", 1) for a in command if "=" in a)
+    shapes = [int(options[f"{k}Shapes"].split(":")[1].split("x")[0]) for k in ("min", "opt", "max")]
+    assert trt.profiles == [tuple(shapes)]  # DLA: both fixed at opt
+    assert trt.flags == builder_flags and trtexec_flags <= set(command)
+    assert not {a for a in command if a in ("--fp16", "--int8", "--noTF32")} - trtexec_flags
+    assert options["saveEngine"] == str(path) and options["memPoolSize"] == "workspace:512"

@@ -32,6 +32,7 @@ from ..bundle import BundleError, Manifest, load_bundle
 from . import BackendError
 
 ENGINE_DIR = "engines"
+TRTEXEC_FLAGS = {"no_tf32": "--noTF32", "fp16": "--fp16", "int8": "--int8"}  # BuildSpec.flags, as trtexec spells them
 
 
 class TensorRTMissing(BackendError):
@@ -106,10 +107,6 @@ def current_target() -> Target:
     return Target(tensorrt=trt.__version__, compute_capability=(props.major, props.minor), gpu=name.strip("\x00 "))
 
 
-def _major(version: str) -> int:
-    return int(version.split(".")[0])
-
-
 def engine_path(bundle_dir: str | os.PathLike, precision: str, target: Target, dla_core: int | None = None) -> Path:
     """engines/model.<precision>.trt<version>.sm<cc>.<gpu>[.dla<core>].engine inside the bundle."""
     dla = f".dla{dla_core}" if dla_core is not None else ""
@@ -179,19 +176,74 @@ class EngineInfo:
         write_bytes(engine.with_suffix(".json"), (json.dumps(asdict(self), indent=2) + "\n").encode())
 
 
-def _profile(
-    precision: str, min_batch: int, opt_batch: int, max_batch: int, dla_core: int | None
-) -> tuple[int, int, int]:
-    """The (min, opt, max) batch of the engine's profile; on DLA all three are opt_batch (one fixed shape)."""
+@dataclass(frozen=True)
+class BuildSpec:
+    """What an engine is built from and how: one value that ``build_engine`` hands to TensorRT's Python
+    API and ``trtexec_command`` writes as a command line, so the two cannot drift apart."""
+
+    precision: str
+    onnx: Path
+    engine: Path
+    timing_cache: Path
+    input_name: str
+    output_name: str
+    onnx_sha256: str
+    shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max: N x C x H x W
+    workspace_mib: int
+    dla_core: int | None
+    target: Target
+
+    @property
+    def tensorrt(self) -> tuple[int, int]:
+        return tuple(int(p) for p in self.target.tensorrt.split(".")[:2])  # type: ignore[return-value]
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Builder flags by precision: fp32 clears TF32; before TensorRT 11 fp16 sets FP16 and int8 sets INT8
+        and FP16 (for the layers left float); from 11 on the network is strongly typed and sets none."""
+        if self.precision == "fp32":
+            return ("no_tf32",)
+        if self.tensorrt[0] >= 11:
+            return ()
+        return ("fp16",) if self.precision == "fp16" else ("int8", "fp16")
+
+
+def build_spec(
+    bundle_dir: str | os.PathLike,
+    precision: str,
+    min_batch: int,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mib: int,
+    dla_core: int | None,
+    target: Target,
+    manifest: Manifest,
+) -> BuildSpec:
+    """The spec of one engine, refusing a profile TensorRT would not build; on DLA all three batches are
+    opt_batch (TensorRT requires one fixed shape there)."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
-    if dla_core is None:
-        return min_batch, opt_batch, max_batch
-    if dla_core < 0:
-        raise ValueError(f"--dla-core must be >= 0, got {dla_core}")
-    if precision == "fp32":
-        raise ValueError("DLA runs fp16 or int8 only: pick --precision fp16 or int8 with --dla-core")
-    return opt_batch, opt_batch, opt_batch
+    if dla_core is not None:
+        if dla_core < 0:
+            raise ValueError(f"--dla-core must be >= 0, got {dla_core}")
+        if precision == "fp32":
+            raise ValueError("DLA runs fp16 or int8 only: pick --precision fp16 or int8 with --dla-core")
+        min_batch = max_batch = opt_batch
+    entry = _tensorrt_model(manifest, precision)
+    chw = tuple(manifest.input.shape)
+    return BuildSpec(
+        precision=precision,
+        onnx=Path(bundle_dir) / entry.file,
+        engine=engine_path(bundle_dir, precision, target, dla_core),
+        timing_cache=timing_cache_path(bundle_dir, target),
+        input_name=entry.input_name,
+        output_name=entry.output_name,
+        onnx_sha256=manifest.files[entry.file].sha256,
+        shapes=tuple((n, *chw) for n in (min_batch, opt_batch, max_batch)),  # type: ignore[arg-type]
+        workspace_mib=workspace_mib,
+        dla_core=dla_core,
+        target=target,
+    )
 
 
 def _tensorrt_model(manifest: Manifest, precision: str):
@@ -221,49 +273,46 @@ def build_engine(
     after the build, so later builds on the same device are fast. A caller holding
     the checked manifest passes it, so the bundle is hashed once.
     """
-    min_batch, opt_batch, max_batch = _profile(precision, min_batch, opt_batch, max_batch, dla_core)
     manifest = manifest or load_bundle(bundle_dir)
-    entry = _tensorrt_model(manifest, precision)
-    onnx_path = Path(bundle_dir) / entry.file
+    _tensorrt_model(manifest, precision)  # the bundle is checked before TensorRT is looked for
     trt = import_tensorrt()
-    target = current_target()
-    major = _major(trt.__version__)
+    spec = build_spec(
+        bundle_dir, precision, min_batch, opt_batch, max_batch, workspace_mib, dla_core, current_target(), manifest
+    )
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # EXPLICIT_BATCH is required before TensorRT 10 and the default (deprecated flag) from 10 on.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if major < 10 else 0
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH) if spec.tensorrt[0] < 10 else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(os.fspath(onnx_path)):
+    if not parser.parse_from_file(os.fspath(spec.onnx)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BackendError(f"TensorRT cannot parse {entry.file}: {errors}")
+        raise BackendError(f"TensorRT cannot parse {spec.onnx.name}: {errors}")
 
     config = builder.create_builder_config()
     if hasattr(config, "set_memory_pool_limit"):
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mib << 20)
     else:
-        config.max_workspace_size = workspace_mib << 20
-    if precision == "fp32":
-        config.clear_flag(trt.BuilderFlag.TF32)
-    elif major < 11:
-        config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
+        config.max_workspace_size = spec.workspace_mib << 20
+    for flag in spec.flags:
+        if flag == "no_tf32":
+            config.clear_flag(trt.BuilderFlag.TF32)
+        else:
+            config.set_flag(getattr(trt.BuilderFlag, flag.upper()))
 
-    if dla_core is not None:
-        if dla_core >= builder.num_DLA_cores:
-            raise BackendError(f"DLA core {dla_core} requested but this device has {builder.num_DLA_cores}")
+    if spec.dla_core is not None:
+        if spec.dla_core >= builder.num_DLA_cores:
+            raise BackendError(f"DLA core {spec.dla_core} requested but this device has {builder.num_DLA_cores}")
         config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = dla_core
+        config.DLA_core = spec.dla_core
         config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
 
-    c, h, w = manifest.input.shape
     profile = builder.create_optimization_profile()
-    profile.set_shape(entry.input_name, (min_batch, c, h, w), (opt_batch, c, h, w), (max_batch, c, h, w))
+    profile.set_shape(spec.input_name, *spec.shapes)
     config.add_optimization_profile(profile)
 
-    cache_file = timing_cache_path(bundle_dir, target)
+    cache_file = spec.timing_cache
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         print(
@@ -275,26 +324,26 @@ def build_engine(
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BackendError(f"TensorRT failed to build a {precision} engine from {entry.file} (see the log above)")
-    path = engine_path(bundle_dir, precision, target, dla_core)
-    write_bytes(path, bytes(serialized))
+        raise BackendError(f"TensorRT failed to build a {precision} engine from {spec.onnx.name} (see the log above)")
+    write_bytes(spec.engine, bytes(serialized))
     write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
+    (min_batch, *_), (opt_batch, *_), (max_batch, *_) = spec.shapes
     EngineInfo(
         precision=precision,
-        onnx_file=entry.file,
-        onnx_sha256=manifest.files[entry.file].sha256,
-        input_name=entry.input_name,
-        output_name=entry.output_name,
-        tensorrt=target.tensorrt,
-        compute_capability=target.compute_capability,
-        gpu=target.gpu,
+        onnx_file=spec.onnx.name,
+        onnx_sha256=spec.onnx_sha256,
+        input_name=spec.input_name,
+        output_name=spec.output_name,
+        tensorrt=spec.target.tensorrt,
+        compute_capability=spec.target.compute_capability,
+        gpu=spec.target.gpu,
         min_batch=min_batch,
         opt_batch=opt_batch,
         max_batch=max_batch,
-        workspace_mib=workspace_mib,
-        dla_core=dla_core,
-    ).write(path)
-    return path
+        workspace_mib=spec.workspace_mib,
+        dla_core=spec.dla_core,
+    ).write(spec.engine)
+    return spec.engine
 
 
 def find_engine(bundle_dir: str | os.PathLike, manifest: Manifest, precision: str, dla_core: int | None = None) -> Path:
@@ -436,31 +485,35 @@ def trtexec_command(
     target defaults to this machine's TensorRT and GPU; pass one to print the
     command for another device.
     """
-    min_batch, opt_batch, max_batch = _profile(precision, min_batch, opt_batch, max_batch, dla_core)
     manifest = manifest or load_bundle(bundle_dir)
-    entry = _tensorrt_model(manifest, precision)
-    target = target or current_target()
-    major_minor = tuple(int(p) for p in target.tensorrt.split(".")[:2])
-    c, h, w = manifest.input.shape
+    spec = build_spec(
+        bundle_dir,
+        precision,
+        min_batch,
+        opt_batch,
+        max_batch,
+        workspace_mib,
+        dla_core,
+        target or current_target(),
+        manifest,
+    )
 
-    def shape(n: int) -> str:
-        return f"{entry.input_name}:{n}x{c}x{h}x{w}"
+    def shape(dims: tuple[int, ...]) -> str:
+        return f"{spec.input_name}:{'x'.join(map(str, dims))}"
 
+    lo, opt, hi = spec.shapes
     args = [
         "trtexec",
-        f"--onnx={Path(bundle_dir) / entry.file}",
-        f"--saveEngine={engine_path(bundle_dir, precision, target, dla_core)}",
-        f"--minShapes={shape(min_batch)}",
-        f"--optShapes={shape(opt_batch)}",
-        f"--maxShapes={shape(max_batch)}",
-        f"--memPoolSize=workspace:{workspace_mib}",
-        f"--timingCacheFile={timing_cache_path(bundle_dir, target)}",
+        f"--onnx={spec.onnx}",
+        f"--saveEngine={spec.engine}",
+        f"--minShapes={shape(lo)}",
+        f"--optShapes={shape(opt)}",
+        f"--maxShapes={shape(hi)}",
+        f"--memPoolSize=workspace:{spec.workspace_mib}",
+        f"--timingCacheFile={spec.timing_cache}",
     ]
-    if precision == "fp32":
-        args.append("--noTF32")
-    elif major_minor[0] < 11:
-        args += ["--fp16"] if precision == "fp16" else ["--int8", "--fp16"]
-    if dla_core is not None:
-        args += [f"--useDLACore={dla_core}", "--allowGPUFallback"]
-    args.append("--skipInference" if major_minor >= (8, 6) else "--buildOnly")
+    args += [TRTEXEC_FLAGS[flag] for flag in spec.flags]
+    if spec.dla_core is not None:
+        args += [f"--useDLACore={spec.dla_core}", "--allowGPUFallback"]
+    args.append("--skipInference" if spec.tensorrt >= (8, 6) else "--buildOnly")
     return " ".join(shlex.quote(a) for a in args)
