@@ -152,7 +152,11 @@ class TeacherConfig(Strict):
 
 
 class DistillConfig(Strict):
-    student: Literal["resnet18", "alexnet"] = "resnet18"
+    student: Literal["resnet18", "alexnet", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0"] = Field(
+        default="resnet18",
+        description="the network distilled into: the seed papers' ResNet-18 and AlexNet, or a "
+        "Jetson-class MobileNetV3 / EfficientNet-B0 (torchvision, random init)",
+    )
     method: str = "seed"
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=200, lr=0.03))
     options: dict[str, Any] = Field(default_factory=dict)
@@ -236,9 +240,14 @@ class Int8Config(Strict):
         description="tensorrt: symmetric int8, Q/DQ where TensorRT wants it; onnxruntime: "
         "uint8 activations and 7-bit weights, exact and fast on ONNX Runtime's CPU kernels",
     )
-    keep_float: list[str] = Field(
-        default_factory=list,
-        description="op types (HardSwish) or node-name globs (/features/*/block.2/*) that stay float",
+    keep_float: list[str] | Literal["auto"] = Field(
+        default="auto",
+        description="ops that stay float: auto (measured: all int8, then the stem, then also the depthwise "
+        "convs float, the first that keeps min_cosine_int8) or a list of stem, depthwise, op types (HardSwish) "
+        "and node-name globs (/body/*/block.2/*)",
+    )
+    choice_images: int = Field(
+        default=256, ge=1, description="held-out train images the auto keep_float choice is measured on"
     )
     quantize_output: bool = Field(default=False, description="also quantize the output embedding")
 

@@ -154,6 +154,18 @@ def test_signed_int8_export_for_onnxruntime_records_how_it_was_quantized(trained
     assert result.exit_code != 0 and "export.sign_key: cannot read key missing.pem" in result.output
 
 
+def test_int8_export_chooses_its_float_ops_on_held_out_train_images(trained_run):
+    recipe, run_dir, _ = trained_run
+    strict = ("export.precisions=[fp32, int8]", "export.min_cosine_int8=0.999999", "export.int8.choice_images=24")
+    result = invoke("export", recipe, *[arg for s in strict for arg in ("-s", s)])
+    assert result.exit_code == 1 and "model.int8.onnx" in result.output  # no rung keeps 0.999999: unverified
+    quantization = load_bundle(run_dir / "bundle").models["int8"].quantization
+    choice = quantization["choice"]
+    assert [t["keep_float"] for t in choice["tries"]] == [[], ["stem"]]  # no depthwise conv: two rungs
+    assert choice["images"] == 24 and choice["split"] == quantization["calibration"]["split"]
+    assert quantization["keep_float"] == max(choice["tries"], key=lambda t: t["min_cosine"])["keep_float"]
+
+
 def test_stage_out_of_order_is_a_clear_error(tmp_path, tiny_recipe):
     recipe = tiny_recipe()
     result = invoke("distill", recipe)

@@ -1,4 +1,5 @@
-"""Every registered teacher and distiller keeps the method contract, on the CPU and on a stand-in for a GPU.
+"""Every registered teacher and distiller keeps the method contract, on the CPU and on a stand-in for a GPU,
+and trains every student architecture (a teacher method there is the student trained alone).
 
 The ``meta`` device stands in for CUDA: an operation that mixes in a tensor made on the CPU (a scalar,
 an index, a generator's draw) fails there as it would on a GPU, and so does an operation that needs the
@@ -12,7 +13,7 @@ from sample_kit import fixed_batch, sample_images
 
 from kt_edge.engine.method import Method, Needs, needs
 from kt_edge.engine.queue import queue_options
-from kt_edge.models.backbones import Backbone, build_backbone
+from kt_edge.models.backbones import MOBILE, Backbone, build_backbone
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.teachers import TEACHERS, tiles
 from kt_edge.transfer import DISTILLERS
@@ -39,12 +40,12 @@ DISTILLER_OPTIONS = {  # name -> (registry name, options): every registered dist
 }
 
 
-def _teacher_method(name):
+def _teacher_method(name, student):
     torch.manual_seed(0)
-    return TEACHERS[name](build_backbone("alexnet", 32), TEACHER_OPTIONS[name], n_images=N)
+    return TEACHERS[name](build_backbone(student, 32), TEACHER_OPTIONS[name], n_images=N)
 
 
-def _distiller(name, device):
+def _distiller(name, device, student):
     registry, options = DISTILLER_OPTIONS[name]
     torch.manual_seed(0)
     teacher_net = build_backbone("resnet18", 32)
@@ -55,7 +56,7 @@ def _distiller(name, device):
         head = torch.nn.Sequential(torch.nn.Linear(512, 24)) if space == "head" else None
         teacher = FrozenTeacher(teacher_net, device, head)
     extra = {"n_classes": 4} if _labelled(registry, options) else {}
-    return DISTILLERS[registry](build_backbone("alexnet", 32), teacher, options, n_images=N, **extra)
+    return DISTILLERS[registry](build_backbone(student, 32), teacher, options, n_images=N, **extra)
 
 
 def _cached(model, device):
@@ -96,11 +97,11 @@ METHODS = list(_method_list())
 CPU = torch.device("cpu")
 
 
-def _build(kind, name, device=CPU):
+def _build(kind, name, device=CPU, student="alexnet"):
     """The method, and how to make its batch: (registry name, options)."""
     if kind == "teacher":
-        return _teacher_method(name), (name, TEACHER_OPTIONS[name])
-    return _distiller(name, device), DISTILLER_OPTIONS[name]
+        return _teacher_method(name, student), (name, TEACHER_OPTIONS[name])
+    return _distiller(name, device, student), DISTILLER_OPTIONS[name]
 
 
 def test_every_registered_method_keeps_the_method_contract():
@@ -140,3 +141,18 @@ def test_a_step_keeps_every_tensor_on_the_device_and_never_reads_one_back(
     torch.stack([value.detach().float().reshape(()) for value in out.values()])  # the trainer's one read
     out["loss"].backward()
     method.after_step(0, 10)
+
+
+@pytest.mark.parametrize("student", MOBILE)  # alexnet: the tests above; resnet18: the stage tests
+@pytest.mark.parametrize("kind, name", METHODS)
+def test_every_method_trains_every_student(kind, name, student, tmp_path, monkeypatch, one_thread):
+    monkeypatch.setenv(tiles.CACHE_ENV, str(tmp_path / "cache"))
+    method, registry = _build(kind, name, student=student)
+    out = method.training_step(_batch(method, *registry))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in method.backbone.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), "the student learns nothing"
+    assert method.backbone.arch == student
+    again, _ = _build(kind, name, student=student)
+    again.load_state_dict(method.state_dict())  # strict: every key, every shape

@@ -96,6 +96,35 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
+def _int8(model, fp32: Path, dst: Path, train_set, cfg, seed: int) -> dict:
+    """Calibrate on train images; with ``keep_float: auto``, choose the float ops on other train images."""
+    from kt_edge.export.int8_choice import choose_int8
+    from kt_edge.export.quantize import to_int8
+
+    picked = _pick(len(train_set), cfg.calibration, seed + 1)
+    calib_x = _stack(train_set, picked)[0].astype(np.float32)
+    int8 = cfg.int8
+    try:
+        if int8.keep_float == "auto":
+            rest = np.setdiff1d(np.arange(len(train_set)), picked)
+            pool = rest if len(rest) else picked  # a train split no larger than the calibration set: reuse it
+            held_out = _stack(train_set, pool[_pick(len(pool), int8.choice_images, seed + 2)])[0]
+            with torch.no_grad():
+                reference = model(torch.from_numpy(held_out)).numpy()
+            record = choose_int8(
+                fp32, dst, calib_x, held_out, reference, cfg.min_cosine_int8, int8.target, int8.quantize_output
+            )
+            record["choice"].update(split=train_set.name, seed=seed + 2)
+        else:
+            record = to_int8(fp32, dst, calib_x, int8.target, int8.keep_float, int8.quantize_output)
+    except ValueError as exc:
+        raise KtEdgeError(f"export.int8: {exc}") from None
+    record["calibration"].update(
+        split=train_set.name, seed=seed + 1, sha256=hashlib.sha256(calib_x.tobytes()).hexdigest()
+    )
+    return record
+
+
 def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, seed: int, provenance: dict) -> dict:
     """Write the bundle, check every precision, and raise ParityError naming the worst sample on failure."""
     bundle_dir = Path(bundle_dir)
@@ -126,21 +155,8 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
         files["fp16"] = bundle_dir / "model.fp16.onnx"
         to_fp16(files["fp32"], files["fp16"])
     if "int8" in cfg.precisions:
-        from kt_edge.export.quantize import to_int8
-
-        picked = _pick(len(train_set), cfg.calibration, seed + 1)
-        calib_x = _stack(train_set, picked)[0].astype(np.float32)
         files["int8"] = bundle_dir / "model.int8.onnx"
-        try:
-            record = to_int8(
-                files["fp32"], files["int8"], calib_x, cfg.int8.target, cfg.int8.keep_float, cfg.int8.quantize_output
-            )
-        except ValueError as exc:
-            raise KtEdgeError(f"export.int8: {exc}") from None
-        record["calibration"].update(
-            split=train_set.name, seed=seed + 1, sha256=hashlib.sha256(calib_x.tobytes()).hexdigest()
-        )
-        quantization["int8"] = record
+        quantization["int8"] = _int8(model, files["fp32"], files["int8"], train_set, cfg, seed)
 
     entries = {
         p: ModelEntry(file=f.name, input_name=INPUT_NAME, output_name=OUTPUT_NAME, quantization=quantization.get(p))

@@ -17,9 +17,8 @@ int8 kernels of TensorRT and of ONNX Runtime's CPU provider want different graph
   without VNNI cannot saturate their 16-bit pair sums (255 * 64 * 2 < 32767):
   the fused kernels are exact on every CPU ONNX Runtime runs on.
 
-Either way ``keep_float`` names op types or node-name globs that stay float
-(for ops that lose too much in int8, such as a student's hardswish or
-squeeze-excitation), and the output embedding carries no Q/DQ unless
+Either way ``keep_float`` names ops that stay float (``stem``, ``depthwise``,
+op types or node-name globs, for ops that lose too much in int8), and the output embedding carries no Q/DQ unless
 ``quantize_output`` asks for it. By default nothing is kept float: on ResNet-18
 at 224 px on an AVX2 CPU, leaving pooling and ReLU float around int8 Conv/Add
 ran 1.35x slower than quantizing every op ONNX Runtime fuses, at no accuracy gain.
@@ -78,15 +77,35 @@ class _ArrayReader(CalibrationDataReader):
 
 
 def float_nodes(model: onnx.ModelProto, keep_float: list[str] | tuple[str, ...]) -> list[str]:
-    """Names of the nodes a keep_float list selects: an entry is an op type (``HardSwish``) or a node-name glob
-    (``/features/*/block.2/*``). An entry that selects nothing is an error, so a typo cannot pass unnoticed."""
+    """Names of the nodes a keep_float list selects: an entry is ``stem``, ``depthwise``, an op type
+    (``HardSwish``) or a node-name glob (``/features/*/block.2/*``). An entry that selects nothing is an
+    error, so a typo cannot pass unnoticed."""
     names = []
     for rule in keep_float:
-        hits = [n.name for n in model.graph.node if n.op_type == rule or fnmatch.fnmatchcase(n.name, rule)]
+        hits = selected(model, rule)
         if not hits:
             raise ValueError(f"int8 keep_float entry {rule!r} matches no op type or node name of the model")
         names += hits
     return list(dict.fromkeys(names))
+
+
+def selected(model: onnx.ModelProto, rule: str) -> list[str]:
+    """``stem``: the weighted op reading the image; ``depthwise``: convs with one input channel per group
+    (MobileNet's and EfficientNet's, whose per-channel scales each see one 3x3 or 5x5 filter)."""
+    nodes = model.graph.node
+    if rule == "stem":
+        image = model.graph.input[0].name
+        return [n.name for n in nodes if image in n.input and n.op_type in TENSORRT_OPS][:1]
+    if rule == "depthwise":
+        weights = {t.name: t.dims for t in model.graph.initializer}
+        return [
+            n.name for n in nodes if n.op_type == "Conv" and _group(n) > 1 and weights.get(n.input[1], (0, 0))[1] == 1
+        ]
+    return [n.name for n in nodes if n.op_type == rule or fnmatch.fnmatchcase(n.name, rule)]
+
+
+def _group(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "group"), 1)
 
 
 def _float_output(model: onnx.ModelProto) -> None:

@@ -2,6 +2,11 @@
 
 Images of 64 px and below get the CIFAR stem (3x3 stride-1 first conv, no max-pool) for ResNets
 and a stride-1 first conv for AlexNet, so 32 px inputs still leave spatial maps to learn from.
+MobileNetV3 and EfficientNet-B0 (the Jetson-class students SEED reports) downsample 32x, which
+leaves 32 px inputs a 1x1 map after their fourth block: their small-image variant drops the stride
+of the stem and of the first downsampling block, so they end at stride 8 (4x4 at 32 px) like the
+CIFAR ResNet. Their embedding is the pooled output of the last conv (960, 576 and 1280 wide); the
+classifier above it is not built into the backbone.
 
 ``layer`` picks the stage whose pooled output is the embedding (default: the last stage): pretext
 teachers such as Jigsaw often have their most transferable features below the last conv.
@@ -13,10 +18,16 @@ import torch
 from torch import nn
 from torchvision import models
 
-ARCHS = ("resnet18", "resnet50", "alexnet")
+MOBILE = ("mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0")
+ARCHS = ("resnet18", "resnet50", "alexnet", *MOBILE)
+STUDENTS = ("resnet18", "alexnet", *MOBILE)  # distill.student
 SMALL_IMAGE = 64
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 ALEXNET_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+# torchvision's MobileNetV3 keeps TensorFlow's BatchNorm momentum of 0.01, tuned for 600-epoch ImageNet runs:
+# after a 60-step run its running statistics would still weigh their initial values by 0.99**60 = 55%.
+# 0.1, PyTorch's default and the ResNets', lets eval-mode statistics follow the short runs students get.
+BATCHNORM_MOMENTUM = 0.1
 
 
 class Backbone(nn.Module):
@@ -35,7 +46,10 @@ class Backbone(nn.Module):
 
 
 def layers_of(arch: str) -> tuple[str, ...]:
-    """The stage names ``build_backbone(..., layer=)`` accepts for ``arch``, first to last."""
+    """The stage names ``build_backbone(..., layer=)`` accepts for ``arch``, first to last (none for the
+    mobile students: a student learns its embedding at the top, there is no lower stage to pick)."""
+    if arch in MOBILE:
+        return ()
     return ALEXNET_LAYERS if arch == "alexnet" else RESNET_LAYERS
 
 
@@ -44,10 +58,15 @@ def build_backbone(arch: str, image_size: int, layer: str | None = None) -> Back
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
     if layer is not None and layer not in layers_of(arch):
-        raise ValueError(f"unknown layer {layer!r} for {arch}; choose from {', '.join(layers_of(arch))}")
-    if layer == layers_of(arch)[-1]:
+        choices = ", ".join(layers_of(arch)) or "none: its embedding is its last stage's"
+        raise ValueError(f"unknown layer {layer!r} for {arch}; choose from {choices}")
+    if layers_of(arch) and layer == layers_of(arch)[-1]:
         layer = None  # the default, spelled out: same network, same checkpoint
     small = image_size <= SMALL_IMAGE
+    if arch in MOBILE:
+        features = _mobile_features(arch, small)
+        body = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return Backbone(arch, image_size, body, _last_conv(features).out_channels)
     if arch in ("resnet18", "resnet50"):
         net = getattr(models, arch)(weights=None)
         if small:
@@ -77,6 +96,21 @@ def at_layer(backbone: Backbone, layer: str | None) -> Backbone:
     keep = out.state_dict().keys()
     out.load_state_dict({k: v for k, v in backbone.state_dict().items() if k in keep})
     return out.train(backbone.training)
+
+
+def _mobile_features(arch: str, small: bool) -> nn.Sequential:
+    """torchvision's MobileNetV3 / EfficientNet-B0 conv stages; for small images the stem and the first
+    downsampling block run at stride 1 (that block then has no residual either way: its widths differ,
+    or, in MobileNetV3-Small, torchvision decided it at build time from the stride of 2)."""
+    features = getattr(models, arch)(weights=None).features
+    if small:
+        strided = [m for m in features.modules() if isinstance(m, nn.Conv2d) and m.stride != (1, 1)]
+        for conv in strided[:2]:
+            conv.stride = (1, 1)
+    for module in features.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = BATCHNORM_MOMENTUM
+    return features
 
 
 def _alexnet_features() -> nn.Sequential:
