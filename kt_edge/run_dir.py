@@ -3,61 +3,22 @@ their files through it, so a renamed folder is one edit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 
-@dataclass(frozen=True)
 class RunDir:
-    root: Path
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.teacher, self.student = self.model("teacher"), self.model("student")
+        self.clusters, self.bundle, self.eval = self.root / "clusters", self.root / "bundle", self.root / "eval"
+        self.results = self.eval / "results.json"
+        self.metrics, self.recipe = self.root / "metrics.jsonl", self.root / "recipe.yaml"
+        self.report_html, self.report_md = self.root / "report.html", self.root / "report.md"
+        self.lock = self.root / ".lock"
 
     def model(self, stage: str) -> Path:
         """A stage's checkpoint folder: ``teacher`` or ``student``."""
         return self.root / stage
 
-    @property
-    def teacher(self) -> Path:
-        return self.model("teacher")
-
-    @property
-    def student(self) -> Path:
-        return self.model("student")
-
     def features(self, split: str) -> Path:
         return self.root / "features" / split
-
-    @property
-    def clusters(self) -> Path:
-        return self.root / "clusters"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def results(self) -> Path:
-        return self.eval / "results.json"
-
-    @property
-    def bundle(self) -> Path:
-        return self.root / "bundle"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def recipe(self) -> Path:
-        return self.root / "recipe.yaml"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def report_html(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def report_md(self) -> Path:
-        return self.root / "report.md"

@@ -43,7 +43,7 @@ def _is_number(value: Any) -> bool:
 
 def read_recipe(run_dir: Path) -> dict:
     """The resolved recipe as a plain mapping ({} when absent or unreadable); not validated."""
-    path = RunDir(Path(run_dir)).recipe
+    path = RunDir(run_dir).recipe
     if not path.is_file():
         return {}
     try:
@@ -56,7 +56,7 @@ def read_recipe(run_dir: Path) -> dict:
 
 def read_results(run_dir: Path) -> dict[str, dict[str, float]]:
     """eval/results.json as {model: {metric: value}}, numbers only, teacher/student/random_init first."""
-    data = _json(RunDir(Path(run_dir)).results)
+    data = _json(RunDir(run_dir).results)
     if not isinstance(data, dict):
         return {}
     order = [m for m in MODELS if m in data] + [m for m in data if m not in MODELS]
@@ -69,7 +69,7 @@ def read_results(run_dir: Path) -> dict[str, dict[str, float]]:
 
 def read_manifest(run_dir: Path) -> dict | None:
     """bundle/manifest.json as written at export, or None without a bundle."""
-    data = _json(RunDir(Path(run_dir)).bundle / "manifest.json")
+    data = _json(RunDir(run_dir).bundle / "manifest.json")
     return data if isinstance(data, dict) else None
 
 
@@ -97,7 +97,7 @@ def read_parity(run_dir: Path) -> dict[str, dict]:
 def read_bench(run_dir: Path) -> list[dict]:
     """Latency rows from bundle/bench*.json: backend, precision, device, batch, p50/p90/p99 ms, images/s."""
     rows = []
-    for path in sorted(RunDir(Path(run_dir)).bundle.glob("bench*.json")):
+    for path in sorted(RunDir(run_dir).bundle.glob("bench*.json")):
         data = _json(path)
         if not isinstance(data, dict) or not isinstance(data.get("results"), list):
             continue
@@ -119,7 +119,7 @@ def read_bench(run_dir: Path) -> list[dict]:
 
 
 def _sidecar(run_dir: Path, stage: str) -> dict:
-    data = _json(RunDir(Path(run_dir)).model(stage) / "model.json")
+    data = _json(RunDir(run_dir).model(stage) / "model.json")
     return data if isinstance(data, dict) else {}
 
 

@@ -124,7 +124,7 @@ def _classes(dataset) -> list[str] | None:
     return getattr(dataset, "classes", None)
 
 
-def evaluate_model_detailed(
+def evaluate_model(
     model: torch.nn.Module,
     bank_set,
     test_set,
@@ -152,19 +152,6 @@ def evaluate_model_detailed(
     return run_protocols(bank_x, bank_y, test_x, test_y, cfg, seed, str(device), num_classes, map_points)
 
 
-def evaluate_model(
-    model: torch.nn.Module,
-    bank_set,
-    test_set,
-    cfg: EvalConfig,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    workers: int = 0,
-) -> dict[str, float]:
-    """Flat metrics of one model, e.g. {'knn_k200_t0.1': 81.2, 'linear_top1': 84.0, 'cluster_nmi': 0.41}."""
-    return evaluate_model_detailed(model, bank_set, test_set, cfg, seed, device, workers).metrics
-
-
 def transfer_splits(cfg: EvalConfig, image_size: int, seed: int = 0) -> tuple[Images, Images] | None:
     """The (bank, scored) splits of ``cfg.transfer``, opened once for all models; None when it is not set."""
     if cfg.transfer is None:
@@ -189,5 +176,5 @@ def evaluate_transfer(
     if cfg.transfer is None:
         return {}
     bank_set, test_set = splits or transfer_splits(cfg, image_size, seed)
-    metrics = evaluate_model(model, bank_set, test_set, cfg, seed, device, workers)
+    metrics = evaluate_model(model, bank_set, test_set, cfg, seed, device, workers).metrics
     return {TRANSFER_PREFIX + name: value for name, value in metrics.items()}

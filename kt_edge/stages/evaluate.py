@@ -43,7 +43,7 @@ def evaluate(recipe: Recipe) -> dict:
     for name, model in models.items():
         results[name] = evaluate_model(
             model, train_set, test_set, recipe.eval, recipe.seed, device, recipe.data.workers
-        )
+        ).metrics
         results[name].update(
             evaluate_transfer(
                 model, recipe.eval, recipe.data.image_size, recipe.seed, device, recipe.data.workers, splits=transfer

@@ -11,7 +11,6 @@ from kt_edge.errors import DataError, RecipeError
 from kt_edge.evaluate.clusters import cluster_alignment
 from kt_edge.evaluate.protocols import (
     evaluate_model,
-    evaluate_model_detailed,
     evaluate_transfer,
     run_protocols,
     transfer_splits,
@@ -129,12 +128,12 @@ def test_evaluate_model_embeds_once_and_matches_the_feature_path():
     bank, test = Vectors(x[:400], y[:400], classes), Vectors(x[400:], y[400:], classes)
     cfg = _cfg(protocols=["knn", "linear", "clusters"])
     model = CountingIdentity()
-    metrics = evaluate_model(model, bank, test, cfg, seed=0, device="cpu")
+    metrics = evaluate_model(model, bank, test, cfg, seed=0, device="cpu").metrics
     assert model.images == 500  # bank and test, each embedded once for all protocols
     assert metrics == run_protocols(x[:400], y[:400], x[400:], y[400:], cfg, num_classes=5).metrics
 
     model = CountingIdentity()
-    detailed = evaluate_model_detailed(model, bank, test, _cfg(protocols=["clusters"]), device="cpu", map_points=30)
+    detailed = evaluate_model(model, bank, test, _cfg(protocols=["clusters"]), device="cpu", map_points=30)
     assert model.images == 100  # cluster alignment needs no bank
     assert set(detailed.metrics) == {"cluster_acc", "cluster_nmi", "cluster_ari"}
     assert detailed.knn_predictions is None and len(detailed.map_labels) == 30

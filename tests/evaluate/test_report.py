@@ -12,7 +12,8 @@ import pytest
 from kt_edge import atomic
 from kt_edge.errors import DataError
 from kt_edge.evaluate.protocols import evaluate_model
-from kt_edge.evaluate.report import read_curves, write_report
+from kt_edge.evaluate.report import write_report
+from kt_edge.evaluate.report.sections import read_curves
 from kt_edge.models.checkpoint import load_backbone
 from kt_edge.recipe import recipe_from_dict
 from kt_edge.stages.distill import distill
@@ -55,7 +56,7 @@ def full_run(tmp_path_factory, one_thread) -> Path:
     distill(recipe)
     bank, test = labelled_splits(recipe)
     results = {
-        stage: evaluate_model(load_backbone(recipe.run_dir / stage)[0], bank, test, recipe.eval, device="cpu")
+        stage: evaluate_model(load_backbone(recipe.run_dir / stage)[0], bank, test, recipe.eval, device="cpu").metrics
         for stage in ("teacher", "student")
     }
     atomic.write_json(recipe.run_dir / "eval" / "results.json", results)

@@ -26,7 +26,7 @@ from process_kit import alive, children, error_lines, under_timeout, wait_until
 from safetensors.torch import load_file
 from sample_kit import REPO, SAMPLE, tiny_recipe_dict
 
-from kt_edge.evaluate.report import read_curves
+from kt_edge.evaluate.report.sections import read_curves
 
 STEPS = 8
 TEACHER = {
