@@ -56,3 +56,32 @@ def tiny_recipe_dict(runs_dir: Path, **sections) -> dict:
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return data
+
+
+def train_steps(method: torch.nn.Module, batch, steps: int, lr: float = 1e-3) -> list[float]:
+    """Train on the same batch for ``steps`` AdamW steps, calling after_step like the trainer; the losses."""
+    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    method.train()
+    losses = []
+    for step in range(steps):
+        loss = method.training_step(batch)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if hasattr(method, "after_step"):
+            method.after_step(step, steps)
+        losses.append(loss.item())
+    return losses
+
+
+def crashing_at(method: torch.nn.Module, step: int) -> torch.nn.Module:
+    """``method`` with an after_step that raises once it has finished ``step`` (0-based), as a crash would."""
+    original = method.after_step
+
+    def after_step(i: int, total: int) -> None:
+        original(i, total)
+        if i == step:
+            raise RuntimeError("simulated crash")
+
+    method.after_step = after_step
+    return method

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 import torch
-from sample_kit import SAMPLE
+from sample_kit import SAMPLE, crashing_at
 
 from kt_edge.data.sources import open_images
 from kt_edge.engine.trainer import stop_signals, train
@@ -15,6 +15,7 @@ from kt_edge.teachers.moco import MoCo
 from kt_edge.transfer.seed import Seed
 
 CPU = torch.device("cpu")
+DISTILL = dict(stage="distill", seed=0, device=CPU, image_size=32)  # how every run here trains
 
 
 def _seed_method(n_images):
@@ -27,18 +28,7 @@ def _run(tmp_path, method, data, steps, resume=False):
     cfg = TrainConfig(
         epochs=100, max_steps=steps, batch_size=16, optimizer="adamw", lr=2e-3, checkpoint_every=2, log_every=1
     )
-    return train(
-        method,
-        data,
-        cfg,
-        tmp_path,
-        stage="distill",
-        seed=0,
-        device=CPU,
-        image_size=32,
-        resume=resume,
-        metrics_path=tmp_path / "metrics.jsonl",
-    )
+    return train(method, data, cfg, tmp_path, resume=resume, metrics_path=tmp_path / "metrics.jsonl", **DISTILL)
 
 
 def test_training_lowers_the_loss(tmp_path):
@@ -54,15 +44,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     straight = _seed_method(len(data))
     _run(tmp_path / "a", straight, data, steps=6)
 
-    crashed = _seed_method(len(data))
-    original = crashed.after_step
-
-    def crash_at_step_5(step, total):
-        original(step, total)
-        if step == 4:
-            raise RuntimeError("simulated crash")
-
-    crashed.after_step = crash_at_step_5
+    crashed = crashing_at(_seed_method(len(data)), step=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path / "b", crashed, data, steps=6)
     resumed = _seed_method(len(data))  # a fresh process would start from scratch like this
@@ -121,11 +103,8 @@ def test_the_host_reads_scalars_only_every_log_every_steps(tmp_path, monkeypatch
         data,
         _cfg(max_steps=7, log_every=3),
         tmp_path,
-        stage="distill",
-        seed=0,
-        device=CPU,
-        image_size=32,
         metrics_path=tmp_path / "metrics.jsonl",
+        **DISTILL,
     )
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 6, 7] and len(reads) == 3  # every third step, and the last
@@ -147,41 +126,17 @@ def test_resume_points_are_time_based_unless_steps_are_given(tmp_path, monkeypat
         return clock["now"]
 
     monkeypatch.setattr(trainer, "clock", tick)
-    train(
-        _seed_method(len(data)),
-        data,
-        _cfg(max_steps=8, log_every=2, checkpoint_minutes=1.0),
-        tmp_path / "a",
-        stage="distill",
-        seed=0,
-        device=CPU,
-        image_size=32,
-    )
-    assert written == [4, 8]  # the clock is read at each logged step: a minute is due every other one
-    written.clear()
-    train(
-        _seed_method(len(data)),
-        data,
-        _cfg(max_steps=8, log_every=2, checkpoint_minutes=60.0),
-        tmp_path / "b",
-        stage="distill",
-        seed=0,
-        device=CPU,
-        image_size=32,
-    )
-    assert written == [8]  # not due within the run: only the end
-    written.clear()
-    train(
-        _seed_method(len(data)),
-        data,
-        _cfg(max_steps=8, log_every=4, checkpoint_every=3),
-        tmp_path / "c",
-        stage="distill",
-        seed=0,
-        device=CPU,
-        image_size=32,
-    )
-    assert written == [3, 6, 8]
+
+    def resume_points(name: str, **cfg) -> list[int]:
+        written.clear()
+        method = _seed_method(len(data))
+        train(method, data, _cfg(max_steps=8, **cfg), tmp_path / name, **DISTILL)
+        return list(written)
+
+    # the clock is read at each logged step: a minute is due every other one
+    assert resume_points("a", log_every=2, checkpoint_minutes=1.0) == [4, 8]
+    assert resume_points("b", log_every=2, checkpoint_minutes=60.0) == [8]  # not due within the run: only the end
+    assert resume_points("c", log_every=4, checkpoint_every=3) == [3, 6, 8]
 
 
 def test_workers_live_across_epochs_and_change_no_result(tmp_path, monkeypatch):
@@ -195,17 +150,7 @@ def test_workers_live_across_epochs_and_change_no_result(tmp_path, monkeypatch):
     results = {}
     for workers in (0, 2):
         method = _seed_method(len(data))
-        train(
-            method,
-            data,
-            _cfg(max_steps=6, log_every=6),
-            tmp_path / str(workers),
-            stage="distill",
-            seed=0,
-            device=CPU,
-            image_size=32,
-            workers=workers,
-        )
+        train(method, data, _cfg(max_steps=6, log_every=6), tmp_path / str(workers), workers=workers, **DISTILL)
         results[workers] = method.state_dict()
     assert [loader.persistent_workers for loader in loaders] == [False, True]  # one loader per run, 3 epochs each
     for name, value in results[0].items():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from sample_kit import SAMPLE, tiny_recipe_dict
+from sample_kit import SAMPLE, crashing_at, tiny_recipe_dict
 from torchvision import transforms as T
 from typer.testing import CliRunner
 
@@ -58,15 +58,7 @@ def test_batched_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     data = _in_memory()
     straight = ddp_train.method_for("seed", len(data))
     _run(tmp_path / "a", straight, data, steps=6)
-    crashed = ddp_train.method_for("seed", len(data))
-    original = crashed.after_step
-
-    def crash_at_step_5(step, total):
-        original(step, total)
-        if step == 4:
-            raise RuntimeError("simulated crash")
-
-    crashed.after_step = crash_at_step_5
+    crashed = crashing_at(ddp_train.method_for("seed", len(data)), step=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path / "b", crashed, data, steps=6)
     resumed = ddp_train.method_for("seed", len(data))

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from sample_kit import SAMPLE, fixed_batch, sample_images
-from teacher_kit import coordinate_puzzle, losses_over_steps
+from sample_kit import SAMPLE, fixed_batch, sample_images, train_steps
+from teacher_kit import coordinate_puzzle
 from torchvision.transforms import functional as TF
 
 from kt_edge.data.augment import MEAN, STD
@@ -132,5 +132,5 @@ def test_too_many_replaced_tiles_for_the_permutation_distance_is_a_recipe_error(
 def test_the_loss_falls_on_real_images(cls):
     torch.manual_seed(0)
     method = cls(build_backbone("alexnet", 32), {"permutations": 50, "min_hamming": 3, **HEAD}, n_images=8)
-    losses = losses_over_steps(method, fixed_batch(method, sample_images(4)), steps=4)
+    losses = train_steps(method, fixed_batch(method, sample_images(4)), steps=4)
     assert losses[-1] < 0.8 * losses[0], losses

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from sample_kit import fixed_batch, sample_images
-from teacher_kit import losses_over_steps
+from sample_kit import fixed_batch, sample_images, train_steps
 
 from kt_edge.models.backbones import build_backbone
 from kt_edge.teachers.barlow import BarlowTwins, barlow_loss
@@ -74,7 +73,7 @@ def test_byol_target_is_an_ema_of_the_online_weights_and_gets_no_gradient():
 def test_the_loss_falls_on_real_images(cls, options):
     torch.manual_seed(0)
     method = cls(build_backbone("alexnet", 32), options, n_images=8)
-    losses = losses_over_steps(method, fixed_batch(method, sample_images(4)), steps=4)
+    losses = train_steps(method, fixed_batch(method, sample_images(4)), steps=4)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

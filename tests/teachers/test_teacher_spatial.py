@@ -1,8 +1,8 @@
 """Relative patch location and rotation: the labels say what was done to the image; the loss falls."""
 
 import torch
-from sample_kit import fixed_batch, sample_images
-from teacher_kit import coordinate_puzzle, losses_over_steps
+from sample_kit import fixed_batch, sample_images, train_steps
+from teacher_kit import coordinate_puzzle
 
 from kt_edge.data.augment import MEAN, STD
 from kt_edge.models.backbones import build_backbone
@@ -65,12 +65,12 @@ def test_the_labelled_rotation_undone_gives_the_original():
 def test_the_rpl_loss_falls_on_real_images():
     torch.manual_seed(0)
     method = RelativePatch(build_backbone("alexnet", 32), HEAD, n_images=8)
-    losses = losses_over_steps(method, fixed_batch(method, sample_images(4)), steps=4)
+    losses = train_steps(method, fixed_batch(method, sample_images(4)), steps=4)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_the_rotation_loss_falls_on_real_images():
     torch.manual_seed(0)
     method = Rotation(build_backbone("alexnet", 32), {}, n_images=8)
-    losses = losses_over_steps(method, fixed_batch(method, sample_images(2)), steps=4)
+    losses = train_steps(method, fixed_batch(method, sample_images(2)), steps=4)
     assert losses[-1] < 0.8 * losses[0], losses

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from transfer_kit import sample_batch, tiny_backbone, train_steps
+from sample_kit import train_steps
+from transfer_kit import sample_batch, tiny_backbone
 
 from kt_edge.data.feed import SeededViews
 from kt_edge.data.sources import ArrayImages

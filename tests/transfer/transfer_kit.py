@@ -42,21 +42,6 @@ def sample_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(images.labels)
 
 
-def train_steps(method: nn.Module, batch, steps: int, lr: float = 3e-3) -> list[float]:
-    """The trainer's per-step protocol (step, backward, update, after_step) on one fixed batch; the losses."""
-    optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = method.training_step(batch)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if hasattr(method, "after_step"):
-            method.after_step(step, steps)
-        losses.append(loss.item())
-    return losses
-
-
 def read_centroids(path: Path) -> ClusterModel:
     """What ``save_centroids`` wrote, read as its sidecar describes it: centroids, PCA matrix, normalisation."""
     doc = json.loads(path.with_suffix(".json").read_text())
