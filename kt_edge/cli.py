@@ -259,9 +259,12 @@ def check_cmd(recipe: RecipeArg, set_: SetOpt = None):
 
 @app.command("methods")
 def methods_cmd():
-    """List teacher and distillation methods with their options and defaults."""
+    """List the students, and teacher and distillation methods with their options and defaults."""
+    from kt_edge.models.backbones import STUDENTS
     from kt_edge.teachers import TEACHERS
     from kt_edge.transfer import DISTILLERS
+
+    typer.echo(f"distill.student: {', '.join(STUDENTS)}")
 
     for section, registry in (("teacher", TEACHERS), ("distill", DISTILLERS)):
         for name, method in sorted(registry.items()):

@@ -166,6 +166,18 @@ def test_int8_export_chooses_its_float_ops_on_held_out_train_images(trained_run)
     assert quantization["keep_float"] == max(choice["tries"], key=lambda t: t["min_cosine"])["keep_float"]
 
 
+def test_methods_lists_every_student_and_every_registered_method():
+    from kt_edge.models.backbones import STUDENTS
+    from kt_edge.teachers import TEACHERS
+    from kt_edge.transfer import DISTILLERS
+
+    result = invoke("methods")
+    assert result.exit_code == 0
+    assert f"distill.student: {', '.join(STUDENTS)}" in result.output and "mobilenet_v3_large" in result.output
+    for section, registry in (("teacher", TEACHERS), ("distill", DISTILLERS)):
+        assert all(f"{section}.method: {name}  (" in result.output for name in registry)
+
+
 def test_stage_out_of_order_is_a_clear_error(tmp_path, tiny_recipe):
     recipe = tiny_recipe()
     result = invoke("distill", recipe)
