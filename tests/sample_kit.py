@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import default_collate
 
 from kt_edge.data.sources import Images, open_images
+from kt_edge.models.backbones import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "cifar10"
@@ -85,3 +86,13 @@ def crashing_at(method: torch.nn.Module, step: int) -> torch.nn.Module:
 
     method.after_step = after_step
     return method
+
+
+def student_with_statistics(arch: str, image_size: int = 32) -> torch.nn.Module:
+    """A seeded random-init student whose BatchNorm statistics come from data, not the initial 0 / 1, in eval mode."""
+    torch.manual_seed(0)
+    model = build_backbone(arch, image_size).train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(32, 3, image_size, image_size))
+    return model.eval()

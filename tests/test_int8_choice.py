@@ -8,19 +8,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from sample_kit import student_with_statistics
 
 from kt_edge.export.int8_choice import choose_int8, rungs
 from kt_edge.export.onnx import export_fp32
 from kt_edge.export.quantize import float_nodes, selected
-from kt_edge.models.backbones import build_backbone
 
 
 def _exported(arch: str, path):
-    torch.manual_seed(0)
-    model = build_backbone(arch, 32).train()
-    with torch.no_grad():  # BatchNorm statistics from data, not the initial 0/1
-        model(torch.randn(64, 3, 32, 32))
-    model.eval()
+    model = student_with_statistics(arch)
     export_fp32(model, path, 32)
     return model, onnx.load(str(path))
 

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from kt_edge_runtime.backends.onnxruntime import OrtBackend
+from sample_kit import student_with_statistics
 
 from kt_edge.export.onnx import export_fp32
 from kt_edge.export.quantize import to_fp16, to_int8
@@ -68,19 +69,9 @@ def test_a_saved_student_loads_as_the_same_network(arch, tmp_path):
     assert card["arch"] == arch and card["embed_dim"] == WIDTHS[arch]
 
 
-def _trained_statistics(arch: str) -> torch.nn.Module:
-    """A student whose BatchNorm statistics come from data, not the 0/1 initial ones."""
-    torch.manual_seed(0)
-    backbone = build_backbone(arch, 32).train()
-    with torch.no_grad():
-        for _ in range(5):
-            backbone(torch.randn(32, 3, 32, 32))
-    return backbone.eval()
-
-
 @pytest.mark.parametrize("arch", MOBILE)
 def test_every_precision_exports_to_ops_tensorrt_85_parses(arch, tmp_path):
-    model = _trained_statistics(arch)
+    model = student_with_statistics(arch)
     modules = [type(m) for m in model.modules()]
     fp32, fp16, int8 = (tmp_path / f"model.{p}.onnx" for p in ("fp32", "fp16", "int8"))
     export_fp32(model, fp32, 32)

@@ -17,23 +17,24 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from kt_edge_runtime.backends import run_batched
 from kt_edge_runtime.backends.onnxruntime import OrtBackend
 from kt_edge_runtime.parity import Thresholds, golden_parity
 
 from kt_edge.export.quantize import selected, to_int8
 
 LADDER = ((), ("stem",), ("stem", "depthwise"))
-BATCH = 32
 
 
 def rungs(src_onnx: Path | str) -> list[tuple[str, ...]]:
     """The ladder's rungs that apply to this model: a rung that keeps no more nodes float than the one
     below it (ResNet-18 has no depthwise conv) is left out."""
     model = onnx.load(str(src_onnx), load_external_data=False)
+    hits = {rule: selected(model, rule) for rung in LADDER for rule in rung}
     out, seen = [], None
     for rung in LADDER:
-        rules = tuple(rule for rule in rung if selected(model, rule))
-        nodes = {name for rule in rules for name in selected(model, rule)}
+        rules = tuple(rule for rule in rung if hits[rule])
+        nodes = {name for rule in rules for name in hits[rule]}
         if nodes != seen:
             out.append(rules)
             seen = nodes
@@ -56,8 +57,7 @@ def choose_int8(
     for rung in rungs(src_onnx):
         record = to_int8(src_onnx, dst_onnx, calibration, target, rung, quantize_output)
         backend = OrtBackend(dst_onnx, exact_int8=record["weight_bits"] > 7)
-        outputs = np.concatenate([backend.run(images[i : i + BATCH]) for i in range(0, len(images), BATCH)])
-        report = golden_parity(reference, outputs, "int8", Thresholds(min_cosine=min_cosine))
+        report = golden_parity(reference, run_batched(backend, images), "int8", Thresholds(min_cosine=min_cosine))
         tries.append({"keep_float": list(rung), "min_cosine": report.min_cosine, "p1_cosine": report.p1_cosine})
         if best is None or report.min_cosine > best[1]["min_cosine"]:
             best = (record, tries[-1])

@@ -103,7 +103,8 @@ FEATURE_SPLITS = {"train": "data.train", "test": "data.test", "assign_to": "clus
 
 def eval_inputs(recipe: Recipe) -> str:
     """What eval/results.json depends on: the splits, the eval section, and the models it scores."""
-    cards = [read_sidecar(RunDir(recipe.run_dir).model(name)) or {} for name in ("teacher", "student")]
+    run = RunDir(recipe.run_dir)
+    cards = [read_sidecar(folder) or {} for folder in (run.teacher, run.student)]
     return _combine(
         recipe.digest("seed", "data.train", "data.test", "data.image_size", "eval", "distill.student"),
         *(card.get("inputs") for card in cards),
