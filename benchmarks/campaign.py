@@ -64,10 +64,11 @@ import throughput  # noqa: E402
 
 from kt_edge.atomic import write_json, write_text  # noqa: E402
 from kt_edge.errors import Interrupted  # noqa: E402
-from kt_edge.models.checkpoint import SIDECAR, WEIGHTS, read_sidecar  # noqa: E402
+from kt_edge.models.checkpoint import SIDECAR, WEIGHTS  # noqa: E402
 from kt_edge.models.parts import write_parts  # noqa: E402
 from kt_edge.recipe import recipe_from_dict  # noqa: E402
-from kt_edge.stages.export import export  # noqa: E402
+from kt_edge.stages import stamp  # noqa: E402
+from kt_edge.stages.run import bundle  # noqa: E402
 
 STEPS = ("machine", "gpu_tests", "throughput", "kmeans", "plan", "teacher", "students", "export")
 STUDENTS = ("resnet18", "alexnet")
@@ -387,7 +388,6 @@ def teacher_step(c: Campaign, base) -> Path | None:
         entry.update(
             row=row, arch=base.teacher.arch, steps=base.teacher.train.max_steps, images_seen=row.get("images_seen")
         )
-        card = read_sidecar(folder)
         gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         files = write_parts(
             folder,
@@ -398,7 +398,7 @@ def teacher_step(c: Campaign, base) -> Path | None:
             machine=gpu or "CPU (rehearsal)",
             train_seconds=row.get("wall_seconds"),
             knn_k200_t01=row["metrics"].get(KNN),
-            recipe=card.get("inputs"),
+            recipe=stamp.read(folder),
         )
         entry["parts"] = [f.name for f in files]
         return folder
@@ -455,7 +455,7 @@ def export_step(c: Campaign, base, rows: list[dict], teacher_dir: Path) -> None:
         bank, test = c.scale.export_subsets
         data = cell.model_dump(mode="json")
         data["data"]["train"]["subset"], data["data"]["test"]["subset"] = bank, test
-        report = export(recipe_from_dict(data, source="campaign export"))
+        report = bundle(recipe_from_dict(data, source="campaign export"))
         entry.update(student=best["model"], parity_images={"bank": bank, "test": test}, results=report["results"])
 
 

@@ -35,9 +35,7 @@ from kt_edge.errors import KtEdgeError  # noqa: E402
 from kt_edge.export.bundle import ParityError  # noqa: E402
 from kt_edge.models.checkpoint import read_sidecar  # noqa: E402
 from kt_edge.recipe import Recipe, load_recipe, recipe_from_dict  # noqa: E402
-from kt_edge.stages.evaluate import evaluate  # noqa: E402
-from kt_edge.stages.run import run_stages  # noqa: E402
-from kt_edge.stages.teacher import train_teacher  # noqa: E402
+from kt_edge.stages import run as stages  # noqa: E402
 
 SIZE = "<size>"  # stands for the recipe's distill.options.queue: one queue / bank size for every method
 RECIPE = "recipe"  # stands for the recipe's own teacher (its method and options)
@@ -85,13 +83,13 @@ def teacher_cell(base: Recipe, method: str, runs_dir: Path) -> tuple[Path, dict]
     recipe = cell_recipe(base, f"teacher-{method}", runs_dir, teacher=teacher, eval={"baseline": False})
 
     def compute():
-        folder = train_teacher(recipe)
+        folder = stages.teacher(recipe)
         return {
             "role": "teacher",
             "arch": recipe.teacher.arch,
             "method": method,
             "images_seen": images_seen(folder, recipe.teacher.train.batch_size),
-            "metrics": evaluate(recipe)["teacher"],
+            "metrics": stages.evaluation(recipe)["teacher"],
         }
 
     return recipe.run_dir / "teacher", {**cached(recipe, compute), "model": f"teacher {recipe.teacher.arch} {method}"}
@@ -150,7 +148,7 @@ def student_cell(
 
     def compute():
         try:
-            results, report = run_stages(recipe, export_bundle=export)
+            results, report = stages.run_stages(recipe, export_bundle=export)
             parity, failure = (report or {}).get("results", {}), None
         except ParityError as exc:  # the bundle is written, unverified: its measured parity still counts
             results = json.loads((recipe.run_dir / "eval" / "results.json").read_text())

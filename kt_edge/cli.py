@@ -131,10 +131,10 @@ def run_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
 @_friendly
 def train_teacher_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
     """Train the teacher with its self-supervised method, or import teacher.checkpoint."""
-    from kt_edge.stages.teacher import train_teacher
+    from kt_edge.stages.run import teacher
 
     with _locked_recipe(recipe, set_, "train-teacher") as loaded:
-        train_teacher(loaded, resume)
+        teacher(loaded, resume)
 
 
 class FeatureSplit(str, Enum):
@@ -150,30 +150,31 @@ def features_cmd(
     set_: SetOpt = None,
 ):
     """Extract the run teacher's features of a split to runs/<name>/features/<split>/ (resumes finished shards)."""
-    from kt_edge.stages.features import features_stage
+    from kt_edge.stages.run import features
 
     with _locked_recipe(recipe, set_, "features") as loaded:
-        features_stage(loaded, split.value)
+        features(loaded, split.value)
 
 
 @app.command("cluster")
 @_friendly
 def cluster_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """k-means on the teacher's features (recipe section cluster); save centroids, pseudo-labels and a report."""
-    from kt_edge.stages.cluster import cluster_stage
+    from kt_edge.stages.run import clusters
 
     with _locked_recipe(recipe, set_, "cluster") as loaded:
-        cluster_stage(loaded)
+        clusters(loaded)
 
 
 @app.command("distill")
 @_friendly
 def distill_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = False):
-    """Distil the run's teacher into the student with distill.method."""
-    from kt_edge.stages.distill import distill
+    """Distil the run's teacher into the student with distill.method; the teacher's features or clusters are
+    made first when the method needs them."""
+    from kt_edge.stages.run import student
 
     with _locked_recipe(recipe, set_, "distill") as loaded:
-        distill(loaded, resume)
+        student(loaded, resume)
 
 
 @app.command("eval")
@@ -181,20 +182,20 @@ def distill_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt = Fals
 def eval_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """Score teacher, student and a random-init student on data.test with every eval.protocols entry: weighted
     k-NN (each eval.knn setting), linear probe, few-label probes, cluster alignment, and eval.transfer."""
-    from kt_edge.stages.evaluate import evaluate
+    from kt_edge.stages.run import evaluation
 
     with _locked_recipe(recipe, set_, "eval") as loaded:
-        evaluate(loaded)
+        evaluation(loaded)
 
 
 @app.command("export")
 @_friendly
 def export_cmd(recipe: RecipeArg, set_: SetOpt = None):
     """Write the device bundle (ONNX, golden vectors, manifest) and check it against PyTorch."""
-    from kt_edge.stages.export import export
+    from kt_edge.stages.run import bundle
 
     with _locked_recipe(recipe, set_, "export") as loaded:
-        export(loaded)
+        bundle(loaded)
 
 
 data_app = typer.Typer(help="Prepare data for fast training.", no_args_is_help=True)

@@ -54,6 +54,15 @@ def test_each_stage_succeeds_and_writes_its_artifact(trained_run):
     assert all(0 <= results[model]["knn_k20_t0.07"] <= 100 for model in results)
 
 
+def test_every_stage_stamps_its_output_last(trained_run):
+    _, run_dir, _ = trained_run
+    for stage in ("teacher", "student", "eval", "bundle"):
+        folder = run_dir / stage
+        written = {path.name: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+        done = written.pop(".done")
+        assert written and done >= max(written.values()), stage
+
+
 def test_bundle_is_verified_and_hash_checked(trained_run):
     _, run_dir, _ = trained_run
     manifest = load_bundle(run_dir / "bundle")

@@ -63,6 +63,17 @@ def test_lower_layers_never_import_higher_ones(low, high):
     assert not wrong, wrong
 
 
+STAGES = {f"kt_edge.stages.{name}" for name in ("teacher", "features", "cluster", "distill", "evaluate", "export")}
+
+
+def test_only_run_orders_the_stages():
+    """A stage is given the artifacts it needs; it never calls (or imports) another stage to make them."""
+    graph = import_graph()
+    assert STAGES <= set(graph), STAGES - set(graph)
+    wrong = [(a, b) for a, b in graph.edges if b in STAGES and a != "kt_edge.stages.run"]
+    assert not wrong, wrong
+
+
 def test_validating_a_recipe_imports_neither_faiss_nor_scikit_learn():
     import subprocess
     import sys

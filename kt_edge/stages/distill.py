@@ -8,25 +8,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kt_edge.data.sources import Images
 from kt_edge.engine import distributed
 from kt_edge.engine.device import resolve_device
 from kt_edge.engine.method import Needs
-from kt_edge.errors import CheckpointError, DataError
+from kt_edge.errors import DataError
+from kt_edge.features import FeatureStore
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import load_backbone, load_projection, save_backbone
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.recipe import Recipe
-from kt_edge.stages.cluster import pseudo_labelled
-from kt_edge.stages.features import features_stage
-from kt_edge.stages.inputs import (
-    console,
-    distill_needs,
-    prepare,
-    student_inputs,
-    teacher_inputs,
-    training_images,
-    up_to_date,
-)
+from kt_edge.run_dir import RunDir
+from kt_edge.stages.inputs import distill_needs, student_inputs, training_images
 from kt_edge.stages.training import train_stage
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
@@ -47,30 +40,30 @@ def frozen_teacher(teacher_dir: Path, space: str, device: torch.device) -> Froze
     return FrozenTeacher(load_backbone(teacher_dir)[0], device, projection)
 
 
-def distill(recipe: Recipe, resume: bool = False) -> Path:
-    run = prepare(recipe)
-    out = run.student
-    inputs = student_inputs(recipe)
-    if up_to_date(out, inputs):
-        console.print(f"student: up to date in {out}")
-        return out
-    teacher_dir = run.teacher
-    cfg = recipe.distill
+def distill(
+    recipe: Recipe,
+    teacher_dir: Path | None = None,
+    *,
+    features: FeatureStore | None = None,
+    clusters: Path | None = None,
+    resume: bool = False,
+) -> Path:
+    """The student of distill.method, given what the method needs (stages.inputs.distill_needs): the
+    teacher's folder, and its cached ``features`` of data.train or the ``clusters`` folder of its
+    pseudo-labels; nothing for a student trained alone."""
+    out, inputs, cfg = RunDir(recipe.run_dir).student, student_inputs(recipe), recipe.distill
     needs, extra = distill_needs(recipe), {}
-    if needs is not Needs.NOTHING and not up_to_date(teacher_dir, teacher_inputs(recipe)):
-        raise CheckpointError(f"no teacher for this recipe in {teacher_dir}: run `kt-edge train-teacher` first")
     device = resolve_device(recipe.device)
     if needs is Needs.NOTHING:
         data, teacher = training_images(recipe), None
     elif needs is Needs.PSEUDO_LABELS:  # the teacher speaks through the labels; it is not run while training
-        data, teacher, extra["n_classes"] = pseudo_labelled(recipe), None, recipe.cluster.k
+        data, teacher, extra["n_classes"] = pseudo_labelled(recipe, clusters), None, recipe.cluster.k
     elif needs is Needs.FEATURES:
-        data = training_images(recipe)
-        teacher = CachedTeacher(features_stage(recipe, "train"), device)
+        data, teacher = training_images(recipe), CachedTeacher(features, device)
         if len(teacher) != len(data):
             raise DataError(
                 f"{len(teacher)} cached teacher features for {len(data)} images of data.train: "
-                f"delete {run.features('train')} and run again"
+                f"delete {features.root} and run again"
             )
         data = data.with_labels(np.arange(len(data)))
     else:
@@ -96,9 +89,19 @@ def distill(recipe: Recipe, resume: bool = False) -> Path:
             method=cfg.method,
             teacher=None if needs is Needs.NOTHING else str(teacher_dir),
             **space,
-            inputs=inputs,
             steps=result.steps,
             final_loss=result.final_loss,
         )
     distributed.barrier()
     return out
+
+
+def pseudo_labelled(recipe: Recipe, clusters: Path) -> Images:
+    """The cluster stage's pseudo-labels on the images they label, as the method's training set."""
+    labels = np.load(clusters / "pseudo_labels.npy")
+    images = training_images(recipe, recipe.cluster.assign_to)
+    if len(labels) != len(images):
+        raise DataError(
+            f"{len(labels)} pseudo-labels for {len(images)} images of {images.name}: delete {clusters} and run again"
+        )
+    return DISTILLERS[recipe.distill.method].training_set(images, labels, recipe.distill.options)

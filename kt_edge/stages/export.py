@@ -5,50 +5,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kt_edge_runtime.bundle import BundleError, Manifest, load_bundle
-
 from kt_edge import atomic
-from kt_edge.errors import CheckpointError
 from kt_edge.models.checkpoint import read_sidecar
 from kt_edge.recipe import Recipe
-from kt_edge.stages.inputs import console, export_inputs, labelled_splits, prepare
+from kt_edge.run_dir import RunDir
+from kt_edge.stages.inputs import labelled_splits
 
 
-def export(recipe: Recipe) -> dict:
+def export(recipe: Recipe, student_dir: Path) -> dict:
+    """The bundle of the student in ``student_dir``, carrying the run's evaluation results where there are
+    some; raises ParityError (the bundle written, not verified) when an exported model misses PyTorch."""
     from kt_edge.export.bundle import build_bundle
 
-    run = prepare(recipe)
-    student_dir = run.student
-    card = read_sidecar(student_dir)
-    if card is None:
-        raise CheckpointError(f"no student in {student_dir}: run `kt-edge distill` first")
-    bundle_dir, inputs = run.bundle, export_inputs(recipe)
-    for folder in (bundle_dir, bundle_dir / "golden"):
+    run, card = RunDir(recipe.run_dir), read_sidecar(student_dir)
+    for folder in (run.bundle, run.bundle / "golden"):
         atomic.remove_temps(folder)  # what a killed export was writing
-    done = _verified_bundle(bundle_dir)
-    if done is not None and done.provenance.get("inputs") == inputs:
-        console.print(f"export: up to date in {bundle_dir}")
-        return {"bundle": str(bundle_dir), "results": done.parity.results}
     train_set, test_set = labelled_splits(recipe)
     provenance = {
         "recipe": recipe.digest(),
-        "inputs": inputs,
         "teacher": recipe.teacher.method,
         "teacher_arch": recipe.teacher.arch,
         "method": recipe.distill.method,
         "student": card["arch"],
         **{key: card[key] for key in ("teacher_space", "teacher_dim") if key in card},
     }  # what was distilled
-    results_path = run.results
-    if results_path.is_file():
-        provenance["metrics"] = json.loads(results_path.read_text())
-    return build_bundle(student_dir, bundle_dir, train_set, test_set, recipe.export, recipe.seed, provenance)
-
-
-def _verified_bundle(bundle_dir: Path) -> Manifest | None:
-    """The bundle's manifest if the bundle is whole (every sha256 checked) and passed parity, else None."""
-    try:
-        manifest = load_bundle(bundle_dir)
-    except BundleError:
-        return None
-    return manifest if manifest.verified else None
+    if run.results.is_file():
+        provenance["metrics"] = json.loads(run.results.read_text())
+    return build_bundle(student_dir, run.bundle, train_set, test_set, recipe.export, recipe.seed, provenance)

@@ -16,9 +16,9 @@ from kt_edge.engine import distributed
 from kt_edge.engine.method import Needs
 from kt_edge.engine.method import needs as method_needs
 from kt_edge.errors import DataError
-from kt_edge.models.checkpoint import read_sidecar
-from kt_edge.recipe import Recipe
+from kt_edge.recipe import DataSource, Recipe
 from kt_edge.run_dir import RunDir
+from kt_edge.stages import stamp
 from kt_edge.teachers import TEACHERS
 from kt_edge.transfer import DISTILLERS
 
@@ -70,12 +70,6 @@ def cache_data(recipe: Recipe, split: str = "train") -> Path:
     return images.root
 
 
-def up_to_date(folder: Path, inputs: str) -> bool:
-    """A stage's output exists and was made from these inputs (its sidecar says so)."""
-    card = read_sidecar(folder)
-    return card is not None and card.get("inputs") == inputs
-
-
 def teacher_inputs(recipe: Recipe) -> str:
     return recipe.digest("seed", "data.train", "data.image_size", "teacher")
 
@@ -101,13 +95,21 @@ def distill_needs(recipe: Recipe) -> Needs:
 FEATURE_SPLITS = {"train": "data.train", "test": "data.test", "assign_to": "cluster.assign_to"}
 
 
-def eval_inputs(recipe: Recipe) -> str:
-    """What eval/results.json depends on: the splits, the eval section, and the models it scores."""
-    run = RunDir(recipe.run_dir)
-    cards = [read_sidecar(folder) or {} for folder in (run.teacher, run.student)]
+def feature_source(recipe: Recipe, split: str) -> DataSource:
+    """The images whose teacher features ``split`` names; one line for a split the recipe does not have."""
+    if split not in FEATURE_SPLITS:
+        raise DataError(f"unknown feature split {split!r}; choose from {', '.join(FEATURE_SPLITS)}")
+    source = {"train": recipe.data.train, "test": recipe.data.test, "assign_to": recipe.cluster.assign_to}[split]
+    if source is None:
+        raise DataError(f"no {FEATURE_SPLITS[split]} in the recipe: set it to extract its features")
+    return source
+
+
+def eval_inputs(recipe: Recipe, models: dict[str, Path]) -> str:
+    """What eval/results.json depends on: the splits, the eval section, and the finished models it scores."""
     return _combine(
         recipe.digest("seed", "data.train", "data.test", "data.image_size", "eval", "distill.student"),
-        *(card.get("inputs") for card in cards),
+        {name: stamp.read(folder) for name, folder in models.items()},
     )
 
 
@@ -115,7 +117,6 @@ def export_inputs(recipe: Recipe) -> str:
     """What the bundle depends on: the student, the splits parity is measured on, the export section, and the
     evaluation results it carries as provenance."""
     run = RunDir(recipe.run_dir)
-    card, results = read_sidecar(run.student) or {}, run.results
     return _combine(
         recipe.digest(
             "seed",
@@ -127,8 +128,8 @@ def export_inputs(recipe: Recipe) -> str:
             "teacher.arch",
             "distill.method",
         ),
-        card.get("inputs"),
-        hashlib.sha256(results.read_bytes()).hexdigest() if results.is_file() else None,
+        stamp.read(run.student),
+        hashlib.sha256(run.results.read_bytes()).hexdigest() if run.results.is_file() else None,
     )
 
 

@@ -11,30 +11,21 @@ from kt_edge.models.backbones import at_layer, build_backbone
 from kt_edge.models.checkpoint import save_backbone
 from kt_edge.models.importers import import_teacher
 from kt_edge.recipe import Recipe
-from kt_edge.stages.inputs import console, prepare, teacher_inputs, training_images, up_to_date
+from kt_edge.run_dir import RunDir
+from kt_edge.stages.inputs import console, teacher_inputs, training_images
 from kt_edge.stages.training import train_stage
 from kt_edge.teachers import TEACHERS
 
 
 def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
     """The teacher (with its projection head where it has one) in runs/<name>/teacher/; rank 0 writes it."""
-    out = prepare(recipe).teacher
-    inputs = teacher_inputs(recipe)
-    done = up_to_date(out, inputs)
-    distributed.barrier()  # every rank has looked before rank 0 rewrites
-    if done:
-        if distributed.is_main():
-            console.print(f"teacher: up to date in {out}")
-        return out
-    cfg = recipe.teacher
+    out, inputs, cfg = RunDir(recipe.run_dir).teacher, teacher_inputs(recipe), recipe.teacher
     if cfg.checkpoint is not None:
         if distributed.is_main():
             backbone, projection = import_teacher(
                 cfg.checkpoint, cfg.arch, recipe.data.image_size, cfg.format, cfg.layer
             )
-            save_backbone(
-                backbone, out, projection, stage="teacher", method="imported", source=str(cfg.checkpoint), inputs=inputs
-            )
+            save_backbone(backbone, out, projection, stage="teacher", method="imported", source=str(cfg.checkpoint))
             console.print(f"teacher: imported {cfg.checkpoint} -> {out}")
         distributed.barrier()  # the others read the teacher only once it is whole
         return out
@@ -52,7 +43,6 @@ def train_teacher(recipe: Recipe, resume: bool = False) -> Path:
             projection,
             stage="teacher",
             method=cfg.method,
-            inputs=inputs,
             steps=result.steps,
             final_loss=result.final_loss,
         )

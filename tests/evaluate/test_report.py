@@ -16,10 +16,8 @@ from kt_edge.evaluate.report import write_report
 from kt_edge.evaluate.report.sections import read_curves
 from kt_edge.models.checkpoint import load_backbone
 from kt_edge.recipe import recipe_from_dict
-from kt_edge.stages.distill import distill
-from kt_edge.stages.export import export
+from kt_edge.stages import run as stages
 from kt_edge.stages.inputs import labelled_splits
-from kt_edge.stages.teacher import train_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample" / "cifar10"
@@ -52,15 +50,14 @@ def full_run(tmp_path_factory, one_thread) -> Path:
             "eval": {"knn": [{"k": 20, "t": 0.07}], "protocols": ["knn", "clusters"]},
         }
     )
-    train_teacher(recipe)
-    distill(recipe)
+    stages.student(recipe, teacher_dir=stages.teacher(recipe))
     bank, test = labelled_splits(recipe)
     results = {
         stage: evaluate_model(load_backbone(recipe.run_dir / stage)[0], bank, test, recipe.eval, device="cpu").metrics
         for stage in ("teacher", "student")
     }
     atomic.write_json(recipe.run_dir / "eval" / "results.json", results)
-    export(recipe)
+    stages.bundle(recipe)
     from kt_edge_runtime.cli import main as runtime_cli
 
     bundle = recipe.run_dir / "bundle"

@@ -166,7 +166,7 @@ def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_trainin
 ):
     """The one moment a resume point is complete but the stage is not: --resume only writes the checkpoint."""
     from kt_edge.recipe import load_recipe
-    from kt_edge.stages import teacher
+    from kt_edge.stages import run, teacher
 
     class Killed(BaseException):
         pass
@@ -177,17 +177,17 @@ def test_killed_between_the_last_step_and_the_checkpoint_resumes_without_trainin
     recipe = load_recipe(write_recipe(tmp_path), ["teacher.train.max_steps=2"])
     monkeypatch.setattr(teacher, "save_backbone", killed)
     with pytest.raises(Killed):
-        teacher.train_teacher(recipe)
+        run.teacher(recipe)
     monkeypatch.undo()
     out, log = recipe.run_dir / "teacher", recipe.run_dir / "metrics.jsonl"
     assert resume_step(recipe.run_dir) == 2 and not (out / "model.json").exists()
     steps_logged = log.read_text()
 
-    teacher.train_teacher(recipe, resume=True)
+    run.teacher(recipe, resume=True)
     assert log.read_text() == steps_logged  # no step was run again
     assert (out / "model.json").is_file()
     written = (out / "model.safetensors").stat().st_mtime_ns
-    teacher.train_teacher(recipe, resume=True)  # complete: not redone
+    run.teacher(recipe, resume=True)  # complete: not redone
     assert (out / "model.safetensors").stat().st_mtime_ns == written
 
 

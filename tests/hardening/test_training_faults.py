@@ -132,14 +132,14 @@ def test_a_signal_outside_training_stops_a_stage_with_one_line_and_130(
     from typer.testing import CliRunner
 
     from kt_edge.cli import app
-    from kt_edge.stages import evaluate
+    from kt_edge.stages import run
 
-    def stopped_midway(recipe):
+    def stopped_midway(recipe, models):
         os.kill(os.getpid(), signum)
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError("the signal did not stop the stage")
 
-    monkeypatch.setattr(evaluate, "evaluate", stopped_midway)
+    monkeypatch.setattr(run, "evaluate", stopped_midway)
     result = CliRunner().invoke(app, ["eval", str(tiny_recipe())])
     assert result.exit_code == 130
     assert f"stopped by {signal.Signals(signum).name}; finished work" in result.output
@@ -205,7 +205,7 @@ def test_a_stage_resumed_with_no_step_left_writes_strict_json(tmp_path):
 
     recipe, out = _recipe(tmp_path, lr=0.05)
     assert CliRunner().invoke(app, ["train-teacher", str(recipe), "-s", "teacher.train.max_steps=2"]).exit_code == 0
-    for name in ("model.json", "model.safetensors"):  # what the kill left: the resume point alone
+    for name in ("model.json", "model.safetensors", ".done"):  # what the kill left: the resume point alone
         (out / name).unlink()
     result = CliRunner().invoke(app, ["train-teacher", str(recipe), "-s", "teacher.train.max_steps=2", "--resume"])
     assert result.exit_code == 0, result.output

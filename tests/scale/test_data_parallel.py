@@ -176,7 +176,7 @@ def test_an_imported_teacher_is_written_by_rank_0_and_read_by_all_once_whole(tmp
     from kt_edge.models.backbones import build_backbone
     from kt_edge.models.checkpoint import read_sidecar
     from kt_edge.recipe import load_recipe
-    from kt_edge.stages import teacher
+    from kt_edge.stages import run, teacher
 
     torch.save(
         {k.removeprefix("body."): v for k, v in build_backbone("resnet18", 32).state_dict().items()},
@@ -195,7 +195,7 @@ def test_an_imported_teacher_is_written_by_rank_0_and_read_by_all_once_whole(tmp
     monkeypatch.setattr(teacher, "save_backbone", lambda *a, **k: writers.append(distributed.rank()) or save(*a, **k))
 
     def work(rank):
-        folder = teacher.train_teacher(recipe)
+        folder = run.teacher(recipe)
         return read_sidecar(folder)["method"]  # every rank finds it complete on return
 
     assert ddp_train.in_threads(work) == ["imported", "imported"]

@@ -271,7 +271,7 @@ def test_a_timm_model_in_hub_layout_imports_and_reloads(tmp_path):
 
 def test_the_teacher_stage_imports_an_official_checkpoint_for_distillation(tmp_path, reference, tiny_recipe):
     from kt_edge.recipe import load_recipe
-    from kt_edge.stages.teacher import train_teacher
+    from kt_edge.stages.run import teacher as train_teacher
 
     model, plain, probe = reference
     torch.save(layouts(plain)["moco"], tmp_path / "moco_v2.pth.tar")

@@ -7,8 +7,8 @@ from kt_edge.engine.method import Needs
 from kt_edge.errors import RecipeError
 from kt_edge.models.checkpoint import read_sidecar
 from kt_edge.recipe import recipe_from_dict
-from kt_edge.stages.distill import distill
 from kt_edge.stages.inputs import distill_needs, student_inputs
+from kt_edge.stages.run import student as distill
 
 ALONE = {"method": "moco", "options": {"queue": 64, "hidden": 64, "dim": 32, "momentum": 0.99}}
 

@@ -10,8 +10,8 @@ from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import load_projection, read_sidecar
 from kt_edge.models.frozen import FrozenTeacher
 from kt_edge.recipe import recipe_from_dict
-from kt_edge.stages.distill import distill
-from kt_edge.stages.teacher import train_teacher
+from kt_edge.stages.run import student as distill
+from kt_edge.stages.run import teacher as train_teacher
 
 
 def test_a_frozen_teacher_with_its_head_returns_the_heads_output():

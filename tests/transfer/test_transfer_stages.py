@@ -20,6 +20,7 @@ from kt_edge.features import FeatureStore
 from kt_edge.models.backbones import build_backbone
 from kt_edge.models.checkpoint import read_sidecar, save_backbone
 from kt_edge.recipe import load_recipe, recipe_from_dict
+from kt_edge.stages import stamp
 from kt_edge.stages.inputs import distill_needs, student_inputs, teacher_inputs
 
 runner = CliRunner()
@@ -61,8 +62,8 @@ def run(tmp_path_factory):
         recipe.run_dir / "teacher",
         stage="teacher",
         method="random-init",
-        inputs=teacher_inputs(recipe),
     )
+    stamp.write(recipe.run_dir / "teacher", teacher_inputs(recipe))
     outputs = {
         "features": invoke("features", path),
         "features-test": invoke("features", path, "--split", "test"),

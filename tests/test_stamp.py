@@ -1,0 +1,81 @@
+"""One "done" stamp for every stage: a stage is made once per inputs, and a killed one is made again.
+
+The teacher stage stands for all of them (run.py treats every stage alike); its work is replaced by a
+writer that counts its calls, so these tests train nothing.
+"""
+
+import pytest
+
+from kt_edge.recipe import load_recipe, recipe_from_dict
+from kt_edge.stages import run, stamp
+from kt_edge.stages.inputs import teacher_inputs
+
+
+class Killed(BaseException):
+    pass
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """The teacher stage's calls; it writes one file, then dies when ``made.kill`` is set."""
+    calls = []
+
+    def train_teacher(recipe, resume=False):
+        folder = recipe.run_dir / "teacher"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").write_text(str(len(calls)))
+        calls.append(recipe.digest())
+        if made.kill:
+            raise Killed
+        return folder
+
+    monkeypatch.setattr(run, "train_teacher", train_teacher)
+    made = type("Made", (), {"calls": calls, "kill": False})
+    return made
+
+
+def test_a_stage_is_made_once_for_the_same_inputs_and_again_for_others(tiny_recipe, made, capsys):
+    recipe = load_recipe(tiny_recipe())
+    folder = run.teacher(recipe)
+    assert stamp.read(folder) == teacher_inputs(recipe) and len(made.calls) == 1
+    assert run.teacher(recipe) == folder and len(made.calls) == 1
+    assert "teacher: up to date" in capsys.readouterr().err
+    other = recipe_from_dict(recipe.model_dump(mode="json"), ["teacher.train.lr=0.5"])
+    run.teacher(other)
+    assert len(made.calls) == 2 and stamp.read(folder) == teacher_inputs(other)
+    run.teacher(recipe)  # the stamp vouches for the last inputs only
+    assert len(made.calls) == 3
+
+
+def test_a_killed_stage_leaves_no_stamp_and_is_made_again(tiny_recipe, made):
+    recipe = load_recipe(tiny_recipe())
+    folder = run.teacher(recipe)
+    other = recipe_from_dict(recipe.model_dump(mode="json"), ["teacher.train.lr=0.5"])
+    made.kill = True
+    with pytest.raises(Killed):
+        run.teacher(other)
+    assert stamp.read(folder) is None  # deleted before the first byte of the rewrite: it vouches for nothing
+    with pytest.raises(Killed):
+        run.teacher(recipe)  # not even for the inputs of the output that was there before
+    made.kill = False
+    run.teacher(recipe)
+    assert len(made.calls) == 4 and stamp.fresh(folder, teacher_inputs(recipe))
+
+
+def test_the_stages_after_the_teacher_need_its_stamp(tiny_recipe, made):
+    recipe = load_recipe(tiny_recipe())
+    folder = run.teacher(recipe)
+    assert run.trained_teacher(recipe) == folder
+    stamp.clear(folder)  # the weights are there, but nothing says they were finished
+    with pytest.raises(Exception, match="run `kt-edge train-teacher` first"):
+        run.trained_teacher(recipe)
+
+
+def test_a_damaged_bundle_is_not_taken_for_a_finished_one(tiny_recipe, monkeypatch):
+    recipe = load_recipe(tiny_recipe())
+    student, exported = recipe.run_dir / "student", []
+    student.mkdir(parents=True)
+    stamp.write(student, "a finished student")
+    monkeypatch.setattr(run, "export", lambda recipe, folder: exported.append(folder) or {"bundle": "new"})
+    assert run.bundle(recipe) == {"bundle": "new"}
+    assert run.bundle(recipe) == {"bundle": "new"} and len(exported) == 2  # stamped, but no manifest: made again
