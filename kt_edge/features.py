@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,12 +64,12 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        pin_memory=device.type == "cuda",
+        pin_memory=pin_memory,
         persistent_workers=False,
         **worker_options(workers),
     )
@@ -85,14 +85,49 @@ def _forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device)
     return out.flatten(1).float().cpu()
 
 
-def _batches(model, loader, device) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (features float32 [B, D], labels int64 [B]) for each batch of a loader."""
+Runner = Callable[[torch.Tensor], np.ndarray]  # a batch of images -> its embeddings, float32 [B, D]
+
+
+def _runner(model: torch.nn.Module, device: torch.device) -> Runner:
+    return lambda images: _forward(model, images, device).numpy()
+
+
+def _batches(runners: dict[str, Runner], loader) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Yield ({runner: features float32 [B, D]}, labels int64 [B]) for each batch of a loader: every runner
+    sees the batch the loader decoded once."""
     for batch in loader:
         if not isinstance(batch, (list, tuple)) or len(batch) != 2:
             raise TypeError("dataset items must be (image_tensor, label) pairs; use label -1 when unlabelled")
         images, labels = batch
-        feats = _forward(model, images, device).numpy()
-        yield feats, torch.as_tensor(labels).to(torch.int64).numpy()
+        yield {name: run(images) for name, run in runners.items()}, torch.as_tensor(labels).to(torch.int64).numpy()
+
+
+def embed_with(
+    runners: dict[str, Runner],
+    dataset: Dataset,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool = True,
+    description: str = "embed",
+    pin_memory: bool = False,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Embed a dataset that fits in RAM with every runner side by side (a model, and each export of it):
+    {runner: float32 features [N, D]} and int64 labels [N]."""
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot embed an empty dataset")
+    feats: dict[str, np.ndarray] = {}
+    labels = np.empty(n, dtype=np.int64)
+    start = 0
+    with _progress(progress) as bar:
+        task = bar.add_task(description, total=n)
+        for f, y in _batches(runners, _loader(dataset, batch_size, workers, pin_memory)):
+            for name, rows in f.items():
+                feats.setdefault(name, np.empty((n, rows.shape[1]), dtype=np.float32))[start : start + len(y)] = rows
+            labels[start : start + len(y)] = y
+            start += len(y)
+            bar.advance(task, len(y))
+    return feats, labels
 
 
 def embed(
@@ -104,23 +139,12 @@ def embed(
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed a dataset that fits in RAM: float32 features [N, D] and int64 labels [N]."""
-    n = len(dataset)
-    if n == 0:
-        raise ValueError("cannot embed an empty dataset")
     device = resolve_device(device)
-    feats: np.ndarray | None = None
-    labels = np.empty(n, dtype=np.int64)
-    start = 0
-    with _eval_mode(model, device), torch.inference_mode(), _progress(progress) as bar:
-        task = bar.add_task("embed", total=n)
-        for f, y in _batches(model, _loader(dataset, batch_size, workers, device), device):
-            if feats is None:
-                feats = np.empty((n, f.shape[1]), dtype=np.float32)
-            feats[start : start + len(f)] = f
-            labels[start : start + len(f)] = y
-            start += len(f)
-            bar.advance(task, len(f))
-    return feats, labels
+    with _eval_mode(model, device), torch.inference_mode():
+        feats, labels = embed_with(
+            {"model": _runner(model, device)}, dataset, batch_size, workers, progress, pin_memory=device.type == "cuda"
+        )
+    return feats["model"], labels
 
 
 # --------------------------------------------------------------------------- on-disk store
@@ -148,11 +172,12 @@ def _embed_shard(model, dataset, root: Path, i: int, lo: int, hi: int, batch_siz
     """
     feat_name, label_name = _shard_names(i)
     labels = np.empty(hi - lo, dtype=np.int64)
-    loader = _loader(Subset(dataset, range(lo, hi)), batch_size, workers, device)
+    loader = _loader(Subset(dataset, range(lo, hi)), batch_size, workers, device.type == "cuda")
     with atomic_path(root / feat_name) as feat_tmp:
         out = None
         row = 0
-        for f, y in _batches(model, loader, device):
+        for f, y in _batches({"model": _runner(model, device)}, loader):
+            f = f["model"]
             if out is None:
                 out = np.lib.format.open_memmap(feat_tmp, mode="w+", dtype=STORE_DTYPE, shape=(hi - lo, f.shape[1]))
             out[row : row + len(f)] = f

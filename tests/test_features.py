@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from kt_edge.errors import DataError
-from kt_edge.features import FeatureStore, embed, extract
+from kt_edge.features import FeatureStore, embed, embed_with, extract
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KT_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -62,6 +62,23 @@ def test_embed_matches_direct_forward_and_keeps_train_mode():
     assert model.training, "embed must restore the caller's train mode"
     # parameters must not become inference tensors: the model is still trainable
     model(ds.x[:2]).sum().backward()
+
+
+@pytest.mark.parametrize("n, batch_size", [(50, 16), (7, 256)])
+def test_every_runner_embeds_each_image_decoded_once(n, batch_size):
+    """Export parity runs PyTorch and every ONNX file side by side: one pass, every runner on the same batch."""
+    ds = Tensors(n)
+    seen = []
+
+    def wide(images):  # another width: each runner's features have their own dim
+        seen.append(len(images))
+        return torch.cat([images.flatten(1), images.flatten(1)], 1).numpy()
+
+    feats, labels = embed_with({"flat": lambda images: images.flatten(1).numpy(), "wide": wide}, ds, batch_size)
+    assert ds.calls == n and sum(seen) == n and max(seen) == min(batch_size, n)
+    np.testing.assert_array_equal(feats["flat"], ds.x.flatten(1).numpy())
+    np.testing.assert_array_equal(feats["wide"], np.concatenate([feats["flat"]] * 2, 1))
+    assert labels.tolist() == (np.arange(n) % 7).tolist()
 
 
 def test_embed_unlabelled_gives_minus_one():

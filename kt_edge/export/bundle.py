@@ -29,11 +29,11 @@ from kt_edge_runtime.bundle import (
 )
 from kt_edge_runtime.parity import Thresholds, accuracy_parity, golden_parity, knn_top1
 from kt_edge_runtime.signing import SIGNATURE_NAME, SignatureError, load_private_key, sign_manifest
-from rich.progress import Progress
 
 from kt_edge import atomic
 from kt_edge.errors import KtEdgeError
 from kt_edge.export.onnx import INPUT_NAME, OUTPUT_NAME, export_fp32
+from kt_edge.features import embed_with
 from kt_edge.models.checkpoint import load_backbone
 
 KNN_K, KNN_T = 200, 0.1
@@ -62,21 +62,9 @@ def _stack(dataset, indices) -> tuple[np.ndarray, np.ndarray]:
     return torch.stack([x for x, _ in items]).numpy(), np.array([y for _, y in items])
 
 
-def _features(dataset, runners: dict, batch_size: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Embed a split once, batch by batch, with every runner (PyTorch and each ONNX file) side by side."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    out = {name: [] for name in runners}
-    labels = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"parity on {len(dataset)} images", total=len(dataset))
-        for images, y in loader:
-            batch = images.numpy()
-            for name, run in runners.items():
-                out[name].append(run(batch))
-            labels.append(y.numpy())
-            progress.advance(task, len(batch))
-    y = np.concatenate(labels)
-    return {name: (np.concatenate(chunks), y) for name, chunks in out.items()}
+def _numpy_in(run):
+    """An ONNX backend (numpy in, numpy out) as a runner of torch batches."""
+    return lambda images: run(images.numpy())
 
 
 def _version() -> str:
@@ -172,21 +160,24 @@ def build_bundle(student_dir: Path, bundle_dir: Path, train_set, test_set, cfg, 
         if not report.passed:
             failures.append(f"{files[precision].name} golden: {report.summary()}")
 
-    def torch_run(batch):
+    def torch_run(images: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(batch)).numpy()
+            return model(images).numpy()
 
-    runners = {"pytorch": torch_run, **{p: b.run for p, b in backends.items()}}
-    bank, test = _features(train_set, runners), _features(test_set, runners)
-    reference = knn_top1(*bank["pytorch"], *test["pytorch"], k=KNN_K, t=KNN_T)
+    runners = {"pytorch": torch_run, **{p: _numpy_in(b.run) for p, b in backends.items()}}
+    (bank, bank_y), (test, test_y) = (
+        embed_with(runners, split, description=f"parity on {len(split)} images of {split.name}")
+        for split in (train_set, test_set)
+    )
+    reference = knn_top1(bank["pytorch"], bank_y, test["pytorch"], test_y, k=KNN_K, t=KNN_T)
     for precision in backends:
-        split = golden_parity(test["pytorch"][0], test[precision][0], precision, thresholds[precision])
+        split = golden_parity(test["pytorch"], test[precision], precision, thresholds[precision])
         results[precision]["split"] = {**split.to_dict(), "split": test_set.name, "cosine": _cosines(split)}
         if not split.passed:
             failures.append(f"{files[precision].name} on {test_set.name}: {split.summary()}")
         acc = accuracy_parity(
             reference,
-            knn_top1(*bank[precision], *test[precision], k=KNN_K, t=KNN_T),
+            knn_top1(bank[precision], bank_y, test[precision], test_y, k=KNN_K, t=KNN_T),
             thresholds[precision].max_top1_drop,
         )
         results[precision]["accuracy"] = {**acc.to_dict(), "k": KNN_K, "t": KNN_T, "split": test_set.name}
