@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -44,33 +44,37 @@ def _fail(where: str, what: str) -> BundleError:
     return BundleError(f"manifest field '{where}': {what}")
 
 
+# --------------------------------------------------------------------------- readers of one JSON value
+# A reader takes (value, where) and returns the value as the dataclass holds it, or raises a BundleError
+# naming the field. Each dataclass field names its reader (``_field``); ``_Schema`` walks the fields, so a
+# field is declared once and read, checked and written from that declaration.
+
+Read = Callable[[Any, str], Any]
+
+
 def _take(data: Any, where: str) -> dict:
     if not isinstance(data, dict):
         raise _fail(where, f"expected an object, got {type(data).__name__}")
     return dict(data)
 
 
-def _pop(data: dict, key: str, where: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    path = f"{where}.{key}" if where else key
-    if key not in data:
-        if default is ...:
-            raise _fail(path, "is missing")
-        return default
-    value = data.pop(key)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(value, bool) and kind is not bool and (kind is int or kind is float):
-        raise _fail(path, f"expected {kind.__name__}, got bool")
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise _fail(path, f"expected {names}, got {type(value).__name__}")
-    return value
+def _is(kind: type) -> Read:
+    """A JSON value of one type; an integer is a float too, a boolean is never a number."""
+
+    def read(value: Any, where: str) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and kind in (int, float):
+            raise _fail(where, f"expected {kind.__name__}, got bool")
+        if not isinstance(value, kind):
+            raise _fail(where, f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return read
 
 
-def _no_extra(data: dict, where: str) -> None:
-    if data:
-        path = f"{where}." if where else ""
-        raise _fail(f"{path}{sorted(data)[0]}", f"is not part of schema version {SCHEMA_VERSION}")
+def _optional(read: Read) -> Read:
+    return lambda value, where: None if value is None else read(value, where)
 
 
 def _relpath(value: Any, where: str) -> str:
@@ -83,129 +87,168 @@ def _relpath(value: Any, where: str) -> str:
     return value
 
 
-def _floats(value: Any, n: int, where: str) -> tuple[float, ...]:
-    if not isinstance(value, list) or len(value) != n:
-        raise _fail(where, f"expected a list of {n} numbers")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise _fail(where, "expected numbers")
-    return tuple(float(v) for v in value)
+def _paths(value: Any, where: str) -> tuple[str, ...]:
+    return tuple(_relpath(p, f"{where}[{i}]") for i, p in enumerate(_is(list)(value, where)))
+
+
+def _floats(n: int) -> Read:
+    def read(value: Any, where: str) -> tuple[float, ...]:
+        if not isinstance(value, list) or len(value) != n:
+            raise _fail(where, f"expected a list of {n} numbers")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise _fail(where, "expected numbers")
+        return tuple(float(v) for v in value)
+
+    return read
+
+
+def _shape(value: Any, where: str) -> tuple[int, int, int]:
+    shape = _is(list)(value, where)
+    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise _fail(where, "expected [3, H, W] with positive integers")
+    if shape[0] != 3:
+        raise _fail(where, f"expected 3 channels first, got {shape[0]}")
+    return tuple(shape)
+
+
+def _precision(key: str, where: str) -> str:
+    if key not in PRECISIONS:
+        raise _fail(where, f"unknown precision; expected one of {', '.join(PRECISIONS)}")
+    return key
+
+
+def _table(read_key: Read, read_value: Read) -> Read:
+    """A JSON object whose keys and values are each read (a precision and its model, a path and its hash)."""
+
+    def read(value: Any, where: str) -> dict:
+        return {read_key(k, f"{where}.{k}"): read_value(v, f"{where}.{k}") for k, v in _take(value, where).items()}
+
+    return read
+
+
+def _thresholds(value: Any, where: str) -> Thresholds:
+    try:
+        return Thresholds.from_dict(_take(value, where))
+    except ValueError as exc:
+        raise _fail(where, str(exc)) from None
+
+
+def _checked(read: Read, ok: Callable[[Any], bool], what: str) -> Read:
+    """``read``, then refuse a value ``ok`` turns down, saying ``what`` it must be."""
+
+    def checked(value: Any, where: str) -> Any:
+        value = read(value, where)
+        if not ok(value):
+            raise _fail(where, what.format(value=value))
+        return value
+
+    return checked
+
+
+def _only(allowed: str) -> Read:
+    return _checked(_is(str), lambda v: v == allowed, f"only {allowed!r} is supported, got {{value!r}}")
+
+
+def _nested(cls: type) -> Read:
+    return lambda value, where: cls.from_dict(value, where)
+
+
+def _field(read: Read, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    """A dataclass field with the reader of its JSON value (a default makes it optional in the JSON too)."""
+    return field(default=default, default_factory=factory, metadata={"read": read})
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as JSON holds it."""
+    if isinstance(value, (_Schema, Thresholds)):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class _Schema:
+    """Read and written from the dataclass fields: every key is checked by its field's reader, a missing key
+    without a default and an unknown key are refused, and None is left out when written."""
+
+    WHERE = ""  # the manifest key this part sits under
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str | None = None):
+        where = cls.WHERE if where is None else where
+        data, values = _take(raw, where), {}
+        for f in fields(cls):
+            path = f"{where}.{f.name}" if where else f.name
+            if f.name in data:
+                values[f.name] = f.metadata["read"](data.pop(f.name), path)
+            elif f.default is MISSING and f.default_factory is MISSING:
+                raise _fail(path, "is missing")
+        if data:
+            extra = f"{where}.{sorted(data)[0]}" if where else sorted(data)[0]
+            raise _fail(extra, f"is not part of schema version {SCHEMA_VERSION}")
+        part = cls(**values)
+        part.check()
+        return part
+
+    def check(self) -> None:
+        """What no single field can say alone (resize >= crop)."""
+
+    def to_dict(self) -> dict:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: _plain(value) for name, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True)
-class InputSpec:
+class InputSpec(_Schema):
     """What the model expects and how to turn an image file into it."""
 
-    shape: tuple[int, int, int]
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    dtype: str = "float32"
-    layout: str = "NCHW"
-    color: str = "RGB"
+    WHERE = "input"
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> InputSpec:
-        w = "input"
-        d = _take(raw, w)
-        shape = _pop(d, "shape", w, list)
-        if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-            raise _fail("input.shape", "expected [3, H, W] with positive integers")
-        if shape[0] != 3:
-            raise _fail("input.shape", f"expected 3 channels first, got {shape[0]}")
-        spec = cls(
-            shape=tuple(shape),
-            resize=_pop(d, "resize", w, int),
-            crop=_pop(d, "crop", w, int),
-            mean=_floats(_pop(d, "mean", w, list), 3, "input.mean"),
-            std=_floats(_pop(d, "std", w, list), 3, "input.std"),
-            dtype=_pop(d, "dtype", w, str, "float32"),
-            layout=_pop(d, "layout", w, str, "NCHW"),
-            color=_pop(d, "color", w, str, "RGB"),
-        )
-        _no_extra(d, w)
-        if spec.dtype != "float32":
-            raise _fail("input.dtype", f"only 'float32' is supported, got {spec.dtype!r}")
-        if spec.layout != "NCHW":
-            raise _fail("input.layout", f"only 'NCHW' is supported, got {spec.layout!r}")
-        if spec.color != "RGB":
-            raise _fail("input.color", f"only 'RGB' is supported, got {spec.color!r}")
-        if spec.crop <= 0 or spec.resize < spec.crop:
-            raise _fail("input.resize", f"need resize >= crop > 0, got resize={spec.resize} crop={spec.crop}")
-        if spec.shape[1:] != (spec.crop, spec.crop):
-            raise _fail("input.shape", f"H, W {list(spec.shape[1:])} must equal the crop {spec.crop}")
-        if any(s <= 0 for s in spec.std):
-            raise _fail("input.std", "every std must be > 0")
-        return spec
+    shape: tuple[int, int, int] = _field(_shape)
+    resize: int = _field(_is(int))
+    crop: int = _field(_is(int))
+    mean: tuple[float, float, float] = _field(_floats(3))
+    std: tuple[float, float, float] = _field(_checked(_floats(3), lambda v: min(v) > 0, "every std must be > 0"))
+    dtype: str = _field(_only("float32"), "float32")
+    layout: str = _field(_only("NCHW"), "NCHW")
+    color: str = _field(_only("RGB"), "RGB")
 
-    def to_dict(self) -> dict:
-        return {
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "layout": self.layout,
-            "color": self.color,
-            "resize": self.resize,
-            "crop": self.crop,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+    def check(self) -> None:
+        if self.crop <= 0 or self.resize < self.crop:
+            raise _fail("input.resize", f"need resize >= crop > 0, got resize={self.resize} crop={self.crop}")
+        if self.shape[1:] != (self.crop, self.crop):
+            raise _fail("input.shape", f"H, W {list(self.shape[1:])} must equal the crop {self.crop}")
 
 
 @dataclass(frozen=True)
-class OutputSpec:
+class OutputSpec(_Schema):
     """The embedding the model returns."""
 
-    name: str
-    dim: int
-    normalized: bool
+    WHERE = "output"
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> OutputSpec:
-        d = _take(raw, "output")
-        spec = cls(
-            name=_pop(d, "name", "output", str),
-            dim=_pop(d, "dim", "output", int),
-            normalized=_pop(d, "normalized", "output", bool),
-        )
-        _no_extra(d, "output")
-        if spec.dim <= 0:
-            raise _fail("output.dim", f"must be > 0, got {spec.dim}")
-        return spec
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "normalized": self.normalized}
+    name: str = _field(_is(str))
+    dim: int = _field(_checked(_is(int), lambda v: v > 0, "must be > 0, got {value}"))
+    normalized: bool = _field(_is(bool))
 
 
 @dataclass(frozen=True)
-class FileEntry:
+class FileEntry(_Schema):
     """Integrity record of one bundle file."""
 
-    sha256: str
-    bytes: int
-
-    @classmethod
-    def from_dict(cls, raw: Any, where: str) -> FileEntry:
-        d = _take(raw, where)
-        entry = cls(sha256=_pop(d, "sha256", where, str), bytes=_pop(d, "bytes", where, int))
-        _no_extra(d, where)
-        if not _SHA256.match(entry.sha256):
-            raise _fail(f"{where}.sha256", "expected 64 lowercase hex digits")
-        if entry.bytes < 0:
-            raise _fail(f"{where}.bytes", "must be >= 0")
-        return entry
-
-    def to_dict(self) -> dict:
-        return {"sha256": self.sha256, "bytes": self.bytes}
+    sha256: str = _field(_checked(_is(str), _SHA256.match, "expected 64 lowercase hex digits"))
+    bytes: int = _field(_checked(_is(int), lambda v: v >= 0, "must be >= 0"))
 
 
 @dataclass(frozen=True)
-class ModelEntry:
+class ModelEntry(_Schema):
     """One model file of a given precision and the names of its graph input/output."""
 
-    file: str
-    input_name: str
-    output_name: str
-    quantization: dict | None = None
+    file: str = _field(_relpath)
+    input_name: str = _field(_is(str))
+    output_name: str = _field(_is(str))
+    quantization: dict | None = _field(_optional(_is(dict)), None)
 
     @property
     def int8_target(self) -> str | None:
@@ -219,104 +262,70 @@ class ModelEntry:
         """True when int8 weights may exceed +-64, which x86 u8s8 kernels only run exactly in u8u8 mode."""
         return self.quantization is not None and self.quantization.get("weight_bits", 8) > 7
 
-    @classmethod
-    def from_dict(cls, raw: Any, where: str) -> ModelEntry:
-        d = _take(raw, where)
-        entry = cls(
-            file=_relpath(_pop(d, "file", where, str), f"{where}.file"),
-            input_name=_pop(d, "input_name", where, str),
-            output_name=_pop(d, "output_name", where, str),
-            quantization=_pop(d, "quantization", where, (dict, type(None)), None),
-        )
-        _no_extra(d, where)
-        return entry
-
-    def to_dict(self) -> dict:
-        data: dict[str, Any] = {"file": self.file, "input_name": self.input_name, "output_name": self.output_name}
-        if self.quantization is not None:
-            data["quantization"] = self.quantization
-        return data
-
 
 @dataclass(frozen=True)
-class Golden:
+class Golden(_Schema):
     """Preprocessed golden inputs [N,3,H,W] and the PyTorch fp32 outputs [N,D] for them."""
 
-    inputs: str
-    outputs: str
-    images: tuple[str, ...] | None = None
+    WHERE = "golden"
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> Golden:
-        d = _take(raw, "golden")
-        images = _pop(d, "images", "golden", (list, type(None)), None)
-        golden = cls(
-            inputs=_relpath(_pop(d, "inputs", "golden", str), "golden.inputs"),
-            outputs=_relpath(_pop(d, "outputs", "golden", str), "golden.outputs"),
-            images=None if images is None else tuple(_relpath(p, f"golden.images[{i}]") for i, p in enumerate(images)),
-        )
-        _no_extra(d, "golden")
-        return golden
-
-    def to_dict(self) -> dict:
-        data: dict[str, Any] = {"inputs": self.inputs, "outputs": self.outputs}
-        if self.images is not None:
-            data["images"] = list(self.images)
-        return data
+    inputs: str = _field(_relpath)
+    outputs: str = _field(_relpath)
+    images: tuple[str, ...] | None = _field(_optional(_paths), None)
 
 
 @dataclass(frozen=True)
-class Parity:
+class Parity(_Schema):
     """Thresholds the bundle is held to, and what was measured at export (per precision)."""
 
-    thresholds: dict[str, Thresholds] = field(default_factory=dict)
-    results: dict[str, dict] = field(default_factory=dict)
+    WHERE = "parity"
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> Parity:
-        d = _take(raw, "parity")
-        th_raw = _take(_pop(d, "thresholds", "parity", dict, {}), "parity.thresholds")
-        res_raw = _take(_pop(d, "results", "parity", dict, {}), "parity.results")
-        _no_extra(d, "parity")
-        thresholds = {}
-        for precision, value in th_raw.items():
-            where = f"parity.thresholds.{precision}"
-            if precision not in PRECISIONS:
-                raise _fail(where, f"unknown precision; expected one of {', '.join(PRECISIONS)}")
-            try:
-                thresholds[precision] = Thresholds.from_dict(_take(value, where))
-            except ValueError as exc:
-                raise _fail(where, str(exc)) from None
-        for precision, value in res_raw.items():
-            where = f"parity.results.{precision}"
-            if precision not in PRECISIONS:
-                raise _fail(where, f"unknown precision; expected one of {', '.join(PRECISIONS)}")
-            _take(value, where)
-        return cls(thresholds=thresholds, results=res_raw)
+    thresholds: dict[str, Thresholds] = _field(_table(_precision, _thresholds), factory=dict)
+    results: dict[str, dict] = _field(_table(_precision, _is(dict)), factory=dict)
 
-    def to_dict(self) -> dict:
-        return {
-            "thresholds": {p: t.to_dict() for p, t in self.thresholds.items()},
-            "results": self.results,
-        }
+
+def _schema_version(value: Any, where: str) -> int:
+    version = _is(int)(value, where)
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"manifest schema_version {version} is newer than this runtime supports "
+            f"({SCHEMA_VERSION}); upgrade kt-edge-runtime"
+        )
+    if version < SCHEMA_VERSION:
+        raise BundleError(
+            f"manifest schema_version {version} is older than this runtime supports ({SCHEMA_VERSION}): "
+            "export the bundle again with this kt-edge"
+        )
+    return version
 
 
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(_Schema):
     """Everything the device needs to know about a bundle."""
 
-    architecture: str
-    input: InputSpec
-    output: OutputSpec
-    models: dict[str, ModelEntry]
-    golden: Golden
-    files: dict[str, FileEntry] = field(default_factory=dict)
-    parity: Parity = field(default_factory=Parity)
-    provenance: dict[str, Any] = field(default_factory=dict)
-    verified: bool = False
-    created: str = ""
-    kt_edge_version: str = ""
-    schema_version: int = SCHEMA_VERSION
+    architecture: str = _field(_checked(_is(str), bool, "must not be empty"))
+    input: InputSpec = _field(_nested(InputSpec))
+    output: OutputSpec = _field(_nested(OutputSpec))
+    models: dict[str, ModelEntry] = _field(
+        _checked(_table(_precision, _nested(ModelEntry)), bool, "needs at least one model")
+    )
+    golden: Golden = _field(_nested(Golden))
+    files: dict[str, FileEntry] = _field(_table(_relpath, _nested(FileEntry)), factory=dict)
+    parity: Parity = _field(_nested(Parity), factory=Parity)
+    provenance: dict[str, Any] = _field(_is(dict), factory=dict)
+    verified: bool = _field(_is(bool), False)
+    created: str = _field(_is(str), "")
+    kt_edge_version: str = _field(_is(str), "")
+    schema_version: int = _field(_schema_version, SCHEMA_VERSION)
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str | None = None) -> Manifest:
+        data = _take(raw, "manifest")
+        data.pop("digest", None)  # checked against the whole file by load_bundle
+        if "schema_version" not in data:
+            raise _fail("schema_version", "is missing")
+        _schema_version(data["schema_version"], "schema_version")  # first: a newer schema's fields are not ours
+        return super().from_dict(data, "")
 
     def model(self, precision: str) -> ModelEntry:
         """The model entry for a precision, or a BundleError listing the ones present."""
@@ -330,67 +339,6 @@ class Manifest:
         paths = [m.file for _, m in sorted(self.models.items())]
         paths += [self.golden.inputs, self.golden.outputs, *(self.golden.images or ())]
         return list(dict.fromkeys(paths))
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> Manifest:
-        d = _take(raw, "manifest")
-        d.pop("digest", None)
-        version = _pop(d, "schema_version", "", int)
-        if version > SCHEMA_VERSION:
-            raise BundleError(
-                f"manifest schema_version {version} is newer than this runtime supports "
-                f"({SCHEMA_VERSION}); upgrade kt-edge-runtime"
-            )
-        if version < SCHEMA_VERSION:
-            raise BundleError(
-                f"manifest schema_version {version} is older than this runtime supports ({SCHEMA_VERSION}): "
-                "export the bundle again with this kt-edge"
-            )
-        models_raw = _take(_pop(d, "models", "", dict), "models")
-        if not models_raw:
-            raise _fail("models", "needs at least one model")
-        models = {}
-        for precision, value in models_raw.items():
-            if precision not in PRECISIONS:
-                raise _fail(f"models.{precision}", f"unknown precision; expected one of {', '.join(PRECISIONS)}")
-            models[precision] = ModelEntry.from_dict(value, f"models.{precision}")
-        files_raw = _take(_pop(d, "files", "", dict, {}), "files")
-        files = {_relpath(p, f"files.{p}"): FileEntry.from_dict(v, f"files.{p}") for p, v in files_raw.items()}
-        manifest = cls(
-            architecture=_pop(d, "architecture", "", str),
-            input=InputSpec.from_dict(_pop(d, "input", "", dict)),
-            output=OutputSpec.from_dict(_pop(d, "output", "", dict)),
-            models=models,
-            golden=Golden.from_dict(_pop(d, "golden", "", dict)),
-            files=files,
-            parity=Parity.from_dict(_pop(d, "parity", "", dict, {})),
-            provenance=_pop(d, "provenance", "", dict, {}),
-            verified=_pop(d, "verified", "", bool, False),
-            created=_pop(d, "created", "", str, ""),
-            kt_edge_version=_pop(d, "kt_edge_version", "", str, ""),
-            schema_version=version,
-        )
-        _no_extra(d, "")
-        if not manifest.architecture:
-            raise _fail("architecture", "must not be empty")
-        return manifest
-
-    def to_dict(self) -> dict:
-        data: dict[str, Any] = {
-            "schema_version": self.schema_version,
-            "architecture": self.architecture,
-            "input": self.input.to_dict(),
-            "output": self.output.to_dict(),
-            "models": {p: m.to_dict() for p, m in self.models.items()},
-            "golden": self.golden.to_dict(),
-            "files": {p: f.to_dict() for p, f in sorted(self.files.items())},
-            "parity": self.parity.to_dict(),
-            "provenance": self.provenance,
-            "verified": self.verified,
-            "created": self.created,
-            "kt_edge_version": self.kt_edge_version,
-        }
-        return data
 
 
 def _digest(data: dict) -> str:

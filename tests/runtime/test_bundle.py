@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+from dataclasses import MISSING, fields, replace
 
 import numpy as np
 import pytest
@@ -10,17 +13,20 @@ from kt_edge_runtime.bundle import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     BundleError,
+    FileEntry,
     Golden,
     InputSpec,
     Manifest,
     ModelEntry,
     OutputSpec,
+    Parity,
     _digest,
     load_bundle,
     read_golden,
     sha256_file,
     write_manifest,
 )
+from kt_edge_runtime.parity import DEFAULT_THRESHOLDS
 
 
 def small_manifest() -> Manifest:
@@ -62,6 +68,46 @@ def test_round_trip_through_dict_and_disk(small_bundle):
     assert loaded.files["notes.txt"].bytes == len("extra file")
     x, y = read_golden(small_bundle, loaded)
     assert x.shape == (2, 3, 8, 8) and y.shape == (2, 4)
+
+
+def test_every_field_is_read_checked_and_written_from_its_declaration():
+    """A manifest with every optional part set survives the round trip; every field is written, and a
+    manifest without it falls back to the declared default or is refused naming the field."""
+    full = replace(
+        small_manifest(),
+        models={"int8": ModelEntry(file="m.int8.onnx", input_name="x", output_name="y", quantization={"bits": 8})},
+        golden=Golden(inputs="golden/inputs.npy", outputs="golden/outputs.npy", images=("golden/a.jpg",)),
+        files={"m.int8.onnx": FileEntry(sha256="0" * 64, bytes=3)},
+        parity=Parity(thresholds={"int8": DEFAULT_THRESHOLDS["int8"]}, results={"int8": {"passed": True}}),
+        verified=True,
+    )
+    data = full.to_dict()
+    assert json.loads(json.dumps(data)) == data and Manifest.from_dict(data) == full
+    parts = {
+        (): Manifest,
+        ("input",): InputSpec,
+        ("output",): OutputSpec,
+        ("golden",): Golden,
+        ("parity",): Parity,
+        ("models", "int8"): ModelEntry,
+        ("files", "m.int8.onnx"): FileEntry,
+    }
+    for where, part in parts.items():
+        for f in fields(part):
+            broken = copy.deepcopy(data)
+            node = broken
+            for key in where:
+                node = node[key]
+            del node[f.name]  # KeyError: a field to_dict did not write
+            name = ".".join((*where, f.name))
+            if f.default is MISSING and f.default_factory is MISSING or name == "schema_version":
+                with pytest.raises(BundleError, match=f"'{re.escape(name)}': is missing"):
+                    Manifest.from_dict(broken)
+                continue
+            read = Manifest.from_dict(broken)
+            for key in where:
+                read = read[key] if isinstance(read, dict) else getattr(read, key)
+            assert getattr(read, f.name) == (f.default if f.default is not MISSING else f.default_factory()), name
 
 
 def test_tampered_file_is_refused_naming_it(small_bundle):
