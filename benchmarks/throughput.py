@@ -34,6 +34,7 @@ import re
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -342,29 +343,18 @@ def run(args) -> dict:
                     + ", ".join(f"{k} {v['images_per_s']:.0f} img/s" for k, v in report["data"][key].items()),
                     flush=True,
                 )
+
+            rate = partial(  # one training-rate cell of this resolution
+                train_rate, size=size, batch=batch, steps=args.steps, warmup=args.warmup, device=device,
+                workers=args.workers, folder=tmp, compile_=args.compile,
+            )  # fmt: skip
             if "seed" in args.only:
                 flops = step_flops(seed_method(size, n, batch, torch.device("cpu")), size, views=1)
                 rows = {}
                 for augment, data in (("batched", cached), ("per_sample", files)):
                     torch.manual_seed(0)
-                    rows[augment] = with_compute(
-                        train_rate(
-                            f"seed-{size}",
-                            seed_method(size, n, batch, device),
-                            data,
-                            size,
-                            batch,
-                            args.steps,
-                            args.warmup,
-                            augment,
-                            device,
-                            args.workers,
-                            tmp,
-                            args.compile,
-                        ),
-                        flops,
-                        peak,
-                    )
+                    method = seed_method(size, n, batch, device)
+                    rows[augment] = with_compute(rate(f"seed-{size}", method, data, augment=augment), flops, peak)
                 report["train"][f"seed_r50_to_r18_{key}"] = rows
                 print(
                     f"seed r50->r18 {key}: "
@@ -378,24 +368,8 @@ def run(args) -> dict:
                 for name, arch in TEACHER_CELLS[size]:
                     flops = step_flops(teacher_method(name, arch, size, n, batch), size, views=2)
                     torch.manual_seed(0)
-                    row = with_compute(
-                        train_rate(
-                            f"{name}-{arch}-{size}",
-                            teacher_method(name, arch, size, n, batch),
-                            cached,
-                            size,
-                            batch,
-                            args.steps,
-                            args.warmup,
-                            "batched",
-                            device,
-                            args.workers,
-                            tmp,
-                            args.compile,
-                        ),
-                        flops,
-                        peak,
-                    )
+                    method = teacher_method(name, arch, size, n, batch)
+                    row = with_compute(rate(f"{name}-{arch}-{size}", method, cached, augment="batched"), flops, peak)
                     report["train"][f"{name}_{arch.replace('resnet', 'r')}_{key}"] = {"batched": row}
                     print(
                         f"{name} {arch} {key}: {row['images_per_s']:.1f} img/s "

@@ -137,7 +137,9 @@ def train_teacher_cmd(recipe: RecipeArg, set_: SetOpt = None, resume: ResumeOpt 
         teacher(loaded, resume)
 
 
-class FeatureSplit(str, Enum):
+class Split(str, Enum):
+    """A labelled data split of the recipe: data.train or data.test."""
+
     train = "train"
     test = "test"
 
@@ -146,7 +148,7 @@ class FeatureSplit(str, Enum):
 @_friendly
 def features_cmd(
     recipe: RecipeArg,
-    split: Annotated[FeatureSplit, typer.Option(help="which data split to embed")] = FeatureSplit.train,
+    split: Annotated[Split, typer.Option(help="which data split to embed")] = Split.train,
     set_: SetOpt = None,
 ):
     """Extract the run teacher's features of a split to runs/<name>/features/<split>/ (resumes finished shards)."""
@@ -202,16 +204,11 @@ data_app = typer.Typer(help="Prepare data for fast training.", no_args_is_help=T
 app.add_typer(data_app, name="data")
 
 
-class DataSplit(str, Enum):
-    train = "train"
-    test = "test"
-
-
 @data_app.command("cache")
 @_friendly
 def data_cache_cmd(
     recipe: RecipeArg,
-    split: Annotated[DataSplit, typer.Option(help="which data split to decode")] = DataSplit.train,
+    split: Annotated[Split, typer.Option(help="which data split to decode")] = Split.train,
     set_: SetOpt = None,
 ):
     """Decode a split once into a uint8 array at data.image_size (resumable); train on it with data.cache: true."""

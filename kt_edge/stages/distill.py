@@ -77,11 +77,8 @@ def distill(
         method = DISTILLERS[cfg.method](student, teacher, cfg.options, n_images=len(data), **extra)
     result = train_stage(recipe, method, data, cfg.train, out, "distill", resume, inputs)
     if distributed.is_main():
-        space = (
-            {"teacher_space": teacher.space, "teacher_dim": teacher.embed_dim}
-            if isinstance(teacher, FrozenTeacher)
-            else {}
-        )
+        # the space distilled, where the teacher network itself is run
+        space = {"teacher_space": teacher.space, "teacher_dim": teacher.embed_dim} if needs is Needs.TEACHER else {}
         save_backbone(
             method.backbone,
             out,

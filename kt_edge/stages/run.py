@@ -10,6 +10,7 @@ run, its stamp deleted first and written last. Every command calls one of the fu
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -47,12 +48,19 @@ T = TypeVar("T")
 
 
 def _once(
-    name: str, folder: Path, inputs: str, make: Callable[[], T], finished: Callable[[Path], T | None] = Path
+    name: str,
+    folder: Path,
+    inputs: str,
+    make: Callable[[], T],
+    finished: Callable[[Path], T | None] = Path,
+    every_rank: bool = True,
 ) -> T:
     """``finished(folder)`` when the stamp says ``folder`` was made from ``inputs`` (and ``finished`` finds
-    it whole: not None), else ``make()`` between deleting the stamp and writing it."""
+    it whole: not None), else ``make()`` between deleting the stamp and writing it. Under torchrun a stage
+    of ``every_rank`` waits until every rank has looked; the others (eval, export) are rank 0's alone."""
     done = finished(folder) if stamp.fresh(folder, inputs) else None
-    distributed.barrier()  # every rank has looked before rank 0 deletes the stamp
+    if every_rank:
+        distributed.barrier()  # every rank has looked before rank 0 deletes the stamp
     if done is not None:
         if distributed.is_main():
             console.print(f"{name}: up to date in {folder}")
@@ -131,6 +139,7 @@ def evaluation(recipe: Recipe) -> dict:
         eval_inputs(recipe, models),
         lambda: evaluate(recipe, models),
         lambda folder: json.loads(run.results.read_text()),
+        every_rank=False,
     )
 
 
@@ -139,7 +148,8 @@ def bundle(recipe: Recipe) -> dict:
     run = prepare(recipe)
     if stamp.read(run.student) is None:
         raise CheckpointError(f"no student in {run.student}: run `kt-edge distill` first")
-    return _once("export", run.bundle, export_inputs(recipe), lambda: export(recipe, run.student), _verified_bundle)
+    make = partial(export, recipe, run.student)
+    return _once("export", run.bundle, export_inputs(recipe), make, _verified_bundle, every_rank=False)
 
 
 def _verified_bundle(folder: Path) -> dict | None:

@@ -13,13 +13,11 @@ from kt_edge_runtime.bundle import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     BundleError,
-    FileEntry,
     Golden,
     InputSpec,
     Manifest,
     ModelEntry,
     OutputSpec,
-    Parity,
     _digest,
     load_bundle,
     read_golden,
@@ -73,6 +71,8 @@ def test_round_trip_through_dict_and_disk(small_bundle):
 def test_every_field_is_read_checked_and_written_from_its_declaration():
     """A manifest with every optional part set survives the round trip; every field is written, and a
     manifest without it falls back to the declared default or is refused naming the field."""
+    from kt_edge_runtime.bundle import FileEntry, Parity
+
     full = replace(
         small_manifest(),
         models={"int8": ModelEntry(file="m.int8.onnx", input_name="x", output_name="y", quantization={"bits": 8})},

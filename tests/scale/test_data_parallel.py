@@ -229,3 +229,18 @@ def test_kmeans_under_torchrun_splits_the_sample_over_the_ranks_and_agrees_with_
         assert result.engine == "torch" and result.n_train == 600
         np.testing.assert_allclose(result.objective, one_result.objective, rtol=1e-4)
         np.testing.assert_array_equal(model.centroids, ranks[0][0].centroids)  # every rank has the same
+
+
+def test_a_whole_run_under_two_ranks_ends_with_rank_0_evaluating_and_exporting(tmp_path, one_thread):
+    """Eval and export are rank 0's alone: their stage must not wait for ranks that have already returned."""
+    from sample_kit import tiny_recipe_dict
+
+    from kt_edge.recipe import recipe_from_dict
+    from kt_edge.stages import run
+
+    alone = {"method": "moco", "options": {"queue": 64, "hidden": 64, "dim": 32, "momentum": 0.99}}
+    recipe = recipe_from_dict(tiny_recipe_dict(tmp_path, distill=alone, eval={"protocols": ["knn"]}))
+    finished = ddp_train.in_threads(lambda rank: run.run_stages(recipe))
+    assert finished[1] is None
+    results, report = finished[0]
+    assert set(results) == {"student", "random_init"} and report["results"]["fp32"]["passed"]
