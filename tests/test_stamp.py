@@ -79,3 +79,19 @@ def test_a_damaged_bundle_is_not_taken_for_a_finished_one(tiny_recipe, monkeypat
     monkeypatch.setattr(run, "export", lambda recipe, folder: exported.append(folder) or {"bundle": "new"})
     assert run.bundle(recipe) == {"bundle": "new"}
     assert run.bundle(recipe) == {"bundle": "new"} and len(exported) == 2  # stamped, but no manifest: made again
+
+
+def test_a_stamped_output_that_lost_a_file_is_made_again(tiny_recipe, monkeypatch):
+    """The stamp vouches for the inputs; the features and eval stages also find their output whole."""
+    recipe = load_recipe(tiny_recipe())
+    teacher = recipe.run_dir / "teacher"
+    teacher.mkdir(parents=True)
+    stamp.write(teacher, teacher_inputs(recipe))
+    extracted, evaluated = [], []
+    monkeypatch.setattr(run, "extract_features", lambda recipe, split, teacher: extracted.append(split))
+    monkeypatch.setattr(run, "evaluate", lambda recipe, models: evaluated.append(models) or {"student": {}})
+    run.features(recipe, "train")
+    run.features(recipe, "train")  # stamped, but no index.json: not a store
+    run.evaluation(recipe)
+    run.evaluation(recipe)  # stamped, but no results.json
+    assert extracted == ["train", "train"] and len(evaluated) == 2

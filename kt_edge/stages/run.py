@@ -20,7 +20,7 @@ from rich.table import Table
 
 from kt_edge.engine import distributed
 from kt_edge.engine.method import Needs
-from kt_edge.errors import CheckpointError
+from kt_edge.errors import CheckpointError, DataError
 from kt_edge.features import FeatureStore
 from kt_edge.recipe import Recipe
 from kt_edge.stages import stamp
@@ -96,7 +96,7 @@ def features(recipe: Recipe, split: str = "train", teacher_dir: Path | None = No
         prepare(recipe).features(split),
         features_inputs(recipe, split),
         lambda: extract_features(recipe, split, teacher_dir),
-        FeatureStore.open,
+        _whole_store,
     )
 
 
@@ -138,7 +138,7 @@ def evaluation(recipe: Recipe) -> dict:
         run.eval,
         eval_inputs(recipe, models),
         lambda: evaluate(recipe, models),
-        lambda folder: json.loads(run.results.read_text()),
+        lambda folder: _results(run.results),
         every_rank=False,
     )
 
@@ -150,6 +150,21 @@ def bundle(recipe: Recipe) -> dict:
         raise CheckpointError(f"no student in {run.student}: run `kt-edge distill` first")
     make = partial(export, recipe, run.student)
     return _once("export", run.bundle, export_inputs(recipe), make, _verified_bundle, every_rank=False)
+
+
+def _whole_store(folder: Path) -> FeatureStore | None:
+    """The feature store if every shard it lists is there and readable, else None (it is extracted again)."""
+    try:
+        return FeatureStore.open(folder)
+    except DataError:
+        return None
+
+
+def _results(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _verified_bundle(folder: Path) -> dict | None:
