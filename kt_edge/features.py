@@ -123,7 +123,9 @@ def embed_with(
         task = bar.add_task(description, total=n)
         for f, y in _batches(runners, _loader(dataset, batch_size, workers, pin_memory)):
             for name, rows in f.items():
-                feats.setdefault(name, np.empty((n, rows.shape[1]), dtype=np.float32))[start : start + len(y)] = rows
+                if name not in feats:  # the width of each runner's features is known at its first batch
+                    feats[name] = np.empty((n, rows.shape[1]), dtype=np.float32)
+                feats[name][start : start + len(y)] = rows
             labels[start : start + len(y)] = y
             start += len(y)
             bar.advance(task, len(y))

@@ -211,7 +211,11 @@ def test_run_skips_finished_stages_and_ends_with_both_tables(trained_run):
 def test_a_killed_exports_temp_files_are_removed_by_the_next_export(trained_run):
     recipe, run_dir, _ = trained_run
     bundle = run_dir / "bundle"
-    (bundle / "manifest.json").unlink()  # a killed export: its first act is to drop the manifest
+    for done in (
+        bundle / ".done",
+        bundle / "manifest.json",
+    ):  # a killed export: the stamp went first, then the manifest
+        done.unlink()
     left = [bundle / ".model.fp32.onnx.k1ll3d.tmp", bundle / "golden" / ".inputs.npy.k1ll3d.tmp"]
     for path in left:
         path.write_bytes(b"half an export")

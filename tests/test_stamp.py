@@ -24,6 +24,7 @@ def made(monkeypatch):
         folder = recipe.run_dir / "teacher"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "model.safetensors").write_text(str(len(calls)))
+        (folder / "model.json").write_text("{}")
         calls.append(recipe.digest())
         if made.kill:
             raise Killed
@@ -62,6 +63,13 @@ def test_a_killed_stage_leaves_no_stamp_and_is_made_again(tiny_recipe, made):
     assert len(made.calls) == 4 and stamp.fresh(folder, teacher_inputs(recipe))
 
 
+def _finished_model(folder, inputs="a finished model"):
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "model.json").write_text("{}")
+    stamp.write(folder, inputs)
+
+
 def test_the_stages_after_the_teacher_need_its_stamp(tiny_recipe, made):
     recipe = load_recipe(tiny_recipe())
     folder = run.teacher(recipe)
@@ -71,22 +79,29 @@ def test_the_stages_after_the_teacher_need_its_stamp(tiny_recipe, made):
         run.trained_teacher(recipe)
 
 
+def test_a_stamped_model_without_its_sidecar_is_trained_again(tiny_recipe, made):
+    recipe = load_recipe(tiny_recipe())
+    folder = run.teacher(recipe)
+    (folder / "model.json").unlink()
+    with pytest.raises(Exception, match="run `kt-edge train-teacher` first"):
+        run.trained_teacher(recipe)
+    run.teacher(recipe)
+    assert len(made.calls) == 2 and run.trained_teacher(recipe) == folder
+
+
 def test_a_damaged_bundle_is_not_taken_for_a_finished_one(tiny_recipe, monkeypatch):
     recipe = load_recipe(tiny_recipe())
     student, exported = recipe.run_dir / "student", []
-    student.mkdir(parents=True)
-    stamp.write(student, "a finished student")
+    _finished_model(student)
     monkeypatch.setattr(run, "export", lambda recipe, folder: exported.append(folder) or {"bundle": "new"})
     assert run.bundle(recipe) == {"bundle": "new"}
     assert run.bundle(recipe) == {"bundle": "new"} and len(exported) == 2  # stamped, but no manifest: made again
 
 
 def test_a_stamped_output_that_lost_a_file_is_made_again(tiny_recipe, monkeypatch):
-    """The stamp vouches for the inputs; the features and eval stages also find their output whole."""
+    """The stamp vouches for the inputs; the stages also find their output whole before they skip."""
     recipe = load_recipe(tiny_recipe())
-    teacher = recipe.run_dir / "teacher"
-    teacher.mkdir(parents=True)
-    stamp.write(teacher, teacher_inputs(recipe))
+    _finished_model(recipe.run_dir / "teacher", teacher_inputs(recipe))
     extracted, evaluated = [], []
     monkeypatch.setattr(run, "extract_features", lambda recipe, split, teacher: extracted.append(split))
     monkeypatch.setattr(run, "evaluate", lambda recipe, models: evaluated.append(models) or {"student": {}})
@@ -94,4 +109,8 @@ def test_a_stamped_output_that_lost_a_file_is_made_again(tiny_recipe, monkeypatc
     run.features(recipe, "train")  # stamped, but no index.json: not a store
     run.evaluation(recipe)
     run.evaluation(recipe)  # stamped, but no results.json
-    assert extracted == ["train", "train"] and len(evaluated) == 2
+    clustered = []
+    monkeypatch.setattr(run, "cluster_stage", lambda recipe, train, assign_to: clustered.append(train))
+    run.clusters(recipe)
+    run.clusters(recipe)  # stamped, but no pseudo_labels.npy
+    assert extracted == ["train"] * 4 and len(evaluated) == len(clustered) == 2

@@ -364,7 +364,7 @@ def write_manifest(
         if not full.is_file():
             raise BundleError(f"bundle file {rel} does not exist in {root}")
         files[rel] = FileEntry(sha256=sha256_file(full), bytes=full.stat().st_size)
-    manifest = replace(manifest, files=files)
+    manifest = replace(manifest, files=dict(sorted(files.items())))
     data = manifest.to_dict()
     data["digest"] = _digest(data)
     write_bytes(root / MANIFEST_NAME, (json.dumps(data, indent=2) + "\n").encode("utf-8"))

@@ -22,6 +22,7 @@ from kt_edge.engine import distributed
 from kt_edge.engine.method import Needs
 from kt_edge.errors import CheckpointError, DataError
 from kt_edge.features import FeatureStore
+from kt_edge.models.checkpoint import WEIGHTS, read_sidecar
 from kt_edge.recipe import Recipe
 from kt_edge.stages import stamp
 from kt_edge.stages.cluster import cluster_stage
@@ -57,7 +58,8 @@ def _once(
 ) -> T:
     """``finished(folder)`` when the stamp says ``folder`` was made from ``inputs`` (and ``finished`` finds
     it whole: not None), else ``make()`` between deleting the stamp and writing it. Under torchrun a stage
-    of ``every_rank`` waits until every rank has looked; the others (eval, export) are rank 0's alone."""
+    of ``every_rank`` waits until every rank has looked; eval and export, which ``run_stages`` runs on rank 0
+    alone, do not wait."""
     done = finished(folder) if stamp.fresh(folder, inputs) else None
     if every_rank:
         distributed.barrier()  # every rank has looked before rank 0 deletes the stamp
@@ -76,13 +78,13 @@ def _once(
 def teacher(recipe: Recipe, resume: bool = False) -> Path:
     """The teacher in runs/<name>/teacher/: trained with teacher.method, or imported from teacher.checkpoint."""
     folder = prepare(recipe).teacher
-    return _once("teacher", folder, teacher_inputs(recipe), lambda: train_teacher(recipe, resume))
+    return _once("teacher", folder, teacher_inputs(recipe), lambda: train_teacher(recipe, resume), _whole_model)
 
 
 def trained_teacher(recipe: Recipe) -> Path:
     """The teacher `kt-edge train-teacher` left for this recipe: the stages after it never train one."""
     folder = prepare(recipe).teacher
-    if not stamp.fresh(folder, teacher_inputs(recipe)):
+    if not (stamp.fresh(folder, teacher_inputs(recipe)) and _whole_model(folder)):
         raise CheckpointError(f"no teacher for this recipe in {folder}: run `kt-edge train-teacher` first")
     return folder
 
@@ -108,7 +110,7 @@ def clusters(recipe: Recipe, teacher_dir: Path | None = None) -> Path:
         assign_to = features(recipe, "assign_to", source) if recipe.cluster.assign_to is not None else None
         return cluster_stage(recipe, features(recipe, "train", source), assign_to)
 
-    return _once("clusters", prepare(recipe).clusters, cluster_inputs(recipe), make)
+    return _once("clusters", prepare(recipe).clusters, cluster_inputs(recipe), make, _whole_clusters)
 
 
 def student(recipe: Recipe, resume: bool = False, teacher_dir: Path | None = None) -> Path:
@@ -125,20 +127,20 @@ def student(recipe: Recipe, resume: bool = False, teacher_dir: Path | None = Non
             return distill(recipe, source, features=features(recipe, "train", source), resume=resume)
         return distill(recipe, source, resume=resume)
 
-    return _once("student", prepare(recipe).student, student_inputs(recipe), make)
+    return _once("student", prepare(recipe).student, student_inputs(recipe), make, _whole_model)
 
 
 def evaluation(recipe: Recipe) -> dict:
     """eval/results.json for the run's finished teacher (with eval.teacher) and student."""
     run = prepare(recipe)
     names = ("teacher", "student") if recipe.eval.teacher else ("student",)
-    models = {name: run.model(name) for name in names if stamp.read(run.model(name)) is not None}
+    models = {name: run.model(name) for name in names if _finished_model(run.model(name))}
     return _once(
         "eval",
         run.eval,
         eval_inputs(recipe, models),
         lambda: evaluate(recipe, models),
-        lambda folder: _results(run.results),
+        lambda _folder: _results(run.results),
         every_rank=False,
     )
 
@@ -146,10 +148,24 @@ def evaluation(recipe: Recipe) -> dict:
 def bundle(recipe: Recipe) -> dict:
     """The verified device bundle of the run's student: {"bundle": folder, "results": parity per precision}."""
     run = prepare(recipe)
-    if stamp.read(run.student) is None:
+    if not _finished_model(run.student):
         raise CheckpointError(f"no student in {run.student}: run `kt-edge distill` first")
     make = partial(export, recipe, run.student)
     return _once("export", run.bundle, export_inputs(recipe), make, _verified_bundle, every_rank=False)
+
+
+def _whole_model(folder: Path) -> Path | None:
+    """A teacher or student folder holding its weights and the sidecar that vouches for them."""
+    return folder if (folder / WEIGHTS).is_file() and read_sidecar(folder) is not None else None
+
+
+def _finished_model(folder: Path) -> bool:
+    """A model some recipe finished (eval scores it, export ships it, whatever its inputs were)."""
+    return stamp.read(folder) is not None and _whole_model(folder) is not None
+
+
+def _whole_clusters(folder: Path) -> Path | None:
+    return folder if (folder / "pseudo_labels.npy").is_file() else None
 
 
 def _whole_store(folder: Path) -> FeatureStore | None:

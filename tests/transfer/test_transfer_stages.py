@@ -90,6 +90,8 @@ def test_features_and_cluster_write_their_artifacts(run):
         assert rep["n"] == n and rep["labelled"] == n and 0 <= rep["nmi"] <= 1 and 0 <= rep["hungarian_accuracy"] <= 1
         assert sum(rep["size_histogram"]["counts"]) == K - rep["empty_clusters"]
     assert "clusters" in outputs["cluster"].output and "NMI" in outputs["cluster"].output
+    for folder in ("features/train", "features/test", "features/assign_to", "clusters"):
+        assert stamp.read(run_dir / folder), f"{folder} has no done stamp"
 
 
 def test_pseudo_labels_of_the_second_dataset_are_its_nearest_centroids(run):
