@@ -24,7 +24,7 @@ from .parity import PRECISIONS, Thresholds
 SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BundleError(Exception):
@@ -237,7 +237,7 @@ class OutputSpec(_Schema):
 class FileEntry(_Schema):
     """Integrity record of one bundle file."""
 
-    sha256: str = _field(_checked(_is(str), _SHA256.match, "expected 64 lowercase hex digits"))
+    sha256: str = _field(_checked(_is(str), _SHA256.fullmatch, "expected 64 lowercase hex digits"))
     bytes: int = _field(_checked(_is(int), lambda v: v >= 0, "must be >= 0"))
 
 

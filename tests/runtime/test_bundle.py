@@ -164,6 +164,7 @@ def test_newer_schema_is_refused_with_upgrade_hint(small_bundle):
         (lambda d: d.update(colour="RGB"), "colour"),
         (lambda d: d["parity"]["thresholds"].update(fp32={"rtol": 1e-3}), "parity.thresholds.fp32"),
         (lambda d: d.update(verified="yes"), "verified"),
+        (lambda d: d["files"].update({"m.onnx": {"sha256": "0" * 64 + "\n", "bytes": 1}}), "files.m.onnx.sha256"),
     ],
 )
 def test_schema_errors_name_the_field(change, field):
