@@ -11,6 +11,7 @@ class RunDir:
         self.root = Path(root)
         self.teacher, self.student = self.model("teacher"), self.model("student")
         self.clusters, self.bundle, self.eval = self.root / "clusters", self.root / "bundle", self.root / "eval"
+        self.pseudo_labels = self.clusters / "pseudo_labels.npy"
         self.results = self.eval / "results.json"
         self.metrics, self.recipe = self.root / "metrics.jsonl", self.root / "recipe.yaml"
         self.report_html, self.report_md = self.root / "report.html", self.root / "report.md"

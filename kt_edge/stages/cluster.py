@@ -25,7 +25,7 @@ def cluster_stage(recipe: Recipe, store: FeatureStore, assign_to: FeatureStore |
     Writes clusters/centroids.npy (+ sidecar), pseudo_labels.npy (int64, one per image in dataset order) and
     report.json.
     """
-    out, cfg = RunDir(recipe.run_dir).clusters, recipe.cluster
+    run, cfg = RunDir(recipe.run_dir), recipe.cluster
     if cfg.k > store.n:
         raise DataError(f"cluster.k {cfg.k} is more than the {store.n} images of data.train; lower cluster.k")
     n_fit = min(store.n, cfg.k * cfg.max_points_per_centroid)  # the sample PCA and k-means are fitted on
@@ -49,21 +49,21 @@ def cluster_stage(recipe: Recipe, store: FeatureStore, assign_to: FeatureStore |
     )
     if not distributed.is_main():
         distributed.barrier()
-        return out
-    save_centroids(out / "centroids.npy", model)
+        return run.clusters
+    save_centroids(run.clusters / "centroids.npy", model)
     target = "data.train" if assign_to is None else "cluster.assign_to"
     reports, assigned = {}, {}
     for name, features in sets.items():
         assigned[name], _ = model.assign(features, use_gpu=cfg.use_gpu)
         reports[name] = cluster_report(assigned[name], features.labels, cfg.k)
-    with atomic.atomic_path(out / "pseudo_labels.npy") as tmp, open(tmp, "wb") as fh:
+    with atomic.atomic_path(run.pseudo_labels) as tmp, open(tmp, "wb") as fh:
         np.save(fh, assigned[target])
     atomic.write_json(
-        out / "report.json", {"k": cfg.k, "pseudo_labels_of": target, "kmeans": model.meta, "sets": reports}
+        run.clusters / "report.json", {"k": cfg.k, "pseudo_labels_of": target, "kmeans": model.meta, "sets": reports}
     )
     _print_cluster_table(reports)
     distributed.barrier()
-    return out
+    return run.clusters
 
 
 def _print_cluster_table(reports: dict) -> None:

@@ -45,19 +45,19 @@ def distill(
     teacher_dir: Path | None = None,
     *,
     features: FeatureStore | None = None,
-    clusters: Path | None = None,
+    pseudo_labels: Path | None = None,
     resume: bool = False,
 ) -> Path:
     """The student of distill.method, given what the method needs (stages.inputs.distill_needs): the
-    teacher's folder, and its cached ``features`` of data.train or the ``clusters`` folder of its
-    pseudo-labels; nothing for a student trained alone."""
+    teacher's folder, and its cached ``features`` of data.train or the cluster stage's
+    ``pseudo_labels`` file; nothing for a student trained alone."""
     out, inputs, cfg = RunDir(recipe.run_dir).student, student_inputs(recipe), recipe.distill
     needs, extra = distill_needs(recipe), {}
     device = resolve_device(recipe.device)
     if needs is Needs.NOTHING:
         data, teacher = training_images(recipe), None
     elif needs is Needs.PSEUDO_LABELS:  # the teacher speaks through the labels; it is not run while training
-        data, teacher, extra["n_classes"] = pseudo_labelled(recipe, clusters), None, recipe.cluster.k
+        data, teacher, extra["n_classes"] = pseudo_labelled(recipe, pseudo_labels), None, recipe.cluster.k
     elif needs is Needs.FEATURES:
         data, teacher = training_images(recipe), CachedTeacher(features, device)
         if len(teacher) != len(data):
@@ -93,12 +93,13 @@ def distill(
     return out
 
 
-def pseudo_labelled(recipe: Recipe, clusters: Path) -> Images:
+def pseudo_labelled(recipe: Recipe, pseudo_labels: Path) -> Images:
     """The cluster stage's pseudo-labels on the images they label, as the method's training set."""
-    labels = np.load(clusters / "pseudo_labels.npy")
+    labels = np.load(pseudo_labels)
     images = training_images(recipe, recipe.cluster.assign_to)
     if len(labels) != len(images):
         raise DataError(
-            f"{len(labels)} pseudo-labels for {len(images)} images of {images.name}: delete {clusters} and run again"
+            f"{len(labels)} pseudo-labels for {len(images)} images of {images.name}: "
+            f"delete {pseudo_labels.parent} and run again"
         )
     return DISTILLERS[recipe.distill.method].training_set(images, labels, recipe.distill.options)

@@ -24,6 +24,7 @@ from kt_edge.errors import CheckpointError, DataError
 from kt_edge.features import FeatureStore
 from kt_edge.models.checkpoint import WEIGHTS, read_sidecar
 from kt_edge.recipe import Recipe
+from kt_edge.run_dir import RunDir
 from kt_edge.stages import stamp
 from kt_edge.stages.cluster import cluster_stage
 from kt_edge.stages.distill import distill
@@ -53,7 +54,7 @@ def _once(
     folder: Path,
     inputs: str,
     make: Callable[[], T],
-    finished: Callable[[Path], T | None] = Path,
+    finished: Callable[[Path], T | None],
     every_rank: bool = True,
 ) -> T:
     """``finished(folder)`` when the stamp says ``folder`` was made from ``inputs`` (and ``finished`` finds
@@ -110,7 +111,11 @@ def clusters(recipe: Recipe, teacher_dir: Path | None = None) -> Path:
         assign_to = features(recipe, "assign_to", source) if recipe.cluster.assign_to is not None else None
         return cluster_stage(recipe, features(recipe, "train", source), assign_to)
 
-    return _once("clusters", prepare(recipe).clusters, cluster_inputs(recipe), make, _whole_clusters)
+    def whole(folder: Path) -> Path | None:  # the pseudo-labels distill reads are there
+        return folder if run.pseudo_labels.is_file() else None
+
+    run = prepare(recipe)
+    return _once("clusters", run.clusters, cluster_inputs(recipe), make, whole)
 
 
 def student(recipe: Recipe, resume: bool = False, teacher_dir: Path | None = None) -> Path:
@@ -122,7 +127,8 @@ def student(recipe: Recipe, resume: bool = False, teacher_dir: Path | None = Non
             return distill(recipe, resume=resume)
         source = teacher_dir or trained_teacher(recipe)
         if needs is Needs.PSEUDO_LABELS:
-            return distill(recipe, source, clusters=clusters(recipe, source), resume=resume)
+            clusters(recipe, source)
+            return distill(recipe, source, pseudo_labels=RunDir(recipe.run_dir).pseudo_labels, resume=resume)
         if needs is Needs.FEATURES:
             return distill(recipe, source, features=features(recipe, "train", source), resume=resume)
         return distill(recipe, source, resume=resume)
@@ -162,10 +168,6 @@ def _whole_model(folder: Path) -> Path | None:
 def _finished_model(folder: Path) -> bool:
     """A model some recipe finished (eval scores it, export ships it, whatever its inputs were)."""
     return stamp.read(folder) is not None and _whole_model(folder) is not None
-
-
-def _whole_clusters(folder: Path) -> Path | None:
-    return folder if (folder / "pseudo_labels.npy").is_file() else None
 
 
 def _whole_store(folder: Path) -> FeatureStore | None:
